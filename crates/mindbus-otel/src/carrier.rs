@@ -1,0 +1,192 @@
+//! AMQP header tables as OpenTelemetry propagation carriers.
+//!
+//! Reading accepts the three AMQP types that can hold text: `LongString`
+//! (`S`, what RabbitMQ clients write), `ShortString` (`s`, legal AMQP but
+//! not carried by RabbitMQ) and `ByteArray` (`x`, what the .NET client
+//! writes). Values that are not UTF-8, or of any other type, read as absent:
+//! [`HeaderExtractor::lookup`] tells which, for counting. Names are matched
+//! exactly first, then ASCII case-insensitively (W3C header names are
+//! case-insensitive; AMQP table keys are not).
+//!
+//! Writing always produces `LongString` values and never writes an empty
+//! value.
+
+use crate::w3c::RejectReason;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use opentelemetry::propagation::{Extractor, Injector};
+
+/// What a header lookup found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderValue<'a> {
+    /// No header by that name.
+    Missing,
+    /// A text value.
+    Text(&'a str),
+    /// A header that cannot be read as text (and why).
+    Unreadable(RejectReason),
+}
+
+/// Reads text values from an AMQP header table.
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderExtractor<'a>(pub Option<&'a FieldTable>);
+
+impl<'a> HeaderExtractor<'a> {
+    /// Wraps a header table (`None`: a message without headers).
+    pub fn new(headers: Option<&'a FieldTable>) -> Self {
+        HeaderExtractor(headers)
+    }
+
+    fn raw(&self, key: &str) -> Option<&'a AMQPValue> {
+        let table = self.0?.inner();
+        table.get(key).or_else(|| {
+            table
+                .iter()
+                .find(|(k, _)| k.as_str().eq_ignore_ascii_case(key))
+                .map(|(_, v)| v)
+        })
+    }
+
+    /// Looks a header up, telling a missing header from an unreadable one.
+    pub fn lookup(&self, key: &str) -> HeaderValue<'a> {
+        match self.raw(key) {
+            None => HeaderValue::Missing,
+            Some(value) => match value_text(value) {
+                Ok(s) => HeaderValue::Text(s),
+                Err(reason) => HeaderValue::Unreadable(reason),
+            },
+        }
+    }
+}
+
+/// The text of an AMQP value, if it holds UTF-8 text.
+pub fn value_text(value: &AMQPValue) -> Result<&str, RejectReason> {
+    let bytes = match value {
+        AMQPValue::LongString(s) => s.as_bytes(),
+        AMQPValue::ShortString(s) => return Ok(s.as_str()),
+        AMQPValue::ByteArray(b) => b.as_slice(),
+        _ => return Err(RejectReason::WrongType),
+    };
+    std::str::from_utf8(bytes).map_err(|_| RejectReason::NotUtf8)
+}
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.lookup(key) {
+            HeaderValue::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .map(|t| t.inner().keys().map(ShortString::as_str).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes `LongString` values into a header table, skipping empty values.
+#[derive(Debug)]
+pub struct HeaderInjector<'a>(pub &'a mut FieldTable);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() {
+            return;
+        }
+        // Header names come from propagators (short ASCII names); a name
+        // that is not a valid short string is skipped, never a panic.
+        if let Ok(key) = ShortString::try_new(key) {
+            self.0
+                .insert(key, AMQPValue::LongString(LongString::from(value)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::ByteArray;
+
+    fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in entries {
+            t.insert(k.into(), v);
+        }
+        t
+    }
+
+    #[test]
+    fn reads_the_three_text_types() {
+        let t = table(vec![
+            ("a", AMQPValue::LongString("long".into())),
+            ("b", AMQPValue::ShortString("short".into())),
+            (
+                "c",
+                AMQPValue::ByteArray(ByteArray::from(b"bytes".to_vec())),
+            ),
+        ]);
+        let x = HeaderExtractor::new(Some(&t));
+        assert_eq!(x.get("a"), Some("long"));
+        assert_eq!(x.get("b"), Some("short"));
+        assert_eq!(x.get("c"), Some("bytes"));
+        let mut keys = x.keys();
+        keys.sort_unstable();
+        assert_eq!(keys, vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn unreadable_values_say_why() {
+        let t = table(vec![
+            ("n", AMQPValue::LongLongInt(7)),
+            (
+                "bad",
+                AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+            ),
+            ("nested", AMQPValue::FieldTable(FieldTable::default())),
+        ]);
+        let x = HeaderExtractor::new(Some(&t));
+        assert_eq!(
+            x.lookup("n"),
+            HeaderValue::Unreadable(RejectReason::WrongType)
+        );
+        assert_eq!(
+            x.lookup("bad"),
+            HeaderValue::Unreadable(RejectReason::NotUtf8)
+        );
+        assert_eq!(
+            x.lookup("nested"),
+            HeaderValue::Unreadable(RejectReason::WrongType)
+        );
+        assert_eq!(x.lookup("none"), HeaderValue::Missing);
+        assert_eq!(x.get("n"), None);
+        assert_eq!(HeaderExtractor::new(None).lookup("n"), HeaderValue::Missing);
+    }
+
+    #[test]
+    fn names_match_case_insensitively_after_exact() {
+        let t = table(vec![
+            ("Traceparent", AMQPValue::LongString("upper".into())),
+            ("traceparent", AMQPValue::LongString("exact".into())),
+            ("TraceState", AMQPValue::LongString("mixed".into())),
+        ]);
+        let x = HeaderExtractor::new(Some(&t));
+        assert_eq!(x.get("traceparent"), Some("exact"));
+        assert_eq!(x.get("tracestate"), Some("mixed"));
+    }
+
+    #[test]
+    fn injector_writes_long_strings_and_skips_empty() {
+        let mut t = table(vec![("user", AMQPValue::LongLongInt(1))]);
+        let mut inj = HeaderInjector(&mut t);
+        inj.set("traceparent", "v".into());
+        inj.set("tracestate", String::new());
+        inj.set(&"k".repeat(300), "too long a name".into());
+        assert_eq!(
+            t.inner().get("traceparent"),
+            Some(&AMQPValue::LongString("v".into()))
+        );
+        assert!(!t.contains_key("tracestate"));
+        assert_eq!(t.inner().len(), 2);
+        assert_eq!(t.inner().get("user"), Some(&AMQPValue::LongLongInt(1)));
+    }
+}

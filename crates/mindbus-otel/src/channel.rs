@@ -1,0 +1,285 @@
+//! [`TracedChannel`]: a lapin [`Channel`] whose publishes and deliveries go
+//! through the interceptor chain.
+
+use crate::confirm::PublisherConfirm;
+use crate::delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
+use crate::interceptor::{Chain, Interceptor};
+use crate::message::{Direction, MessageState, OutgoingMessage, PublishResult};
+use crate::propagation::TraceContext;
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use opentelemetry::Context;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// A lapin [`Channel`] with telemetry.
+///
+/// `basic_publish`, `basic_consume` and `basic_get` keep lapin's names and
+/// argument order; every other lapin method is reached through `Deref`
+/// (`traced.queue_declare(...)`, `traced.basic_qos(...)`, ...). Cloning is
+/// cheap and shares the chain. See the [crate docs](crate) for the model.
+#[derive(Clone)]
+pub struct TracedChannel {
+    inner: Channel,
+    chain: Arc<Chain>,
+}
+
+impl TracedChannel {
+    /// Wraps `channel` with the standard chain: W3C trace-context
+    /// propagation ([`TraceContext`]).
+    pub fn new(channel: Channel) -> Self {
+        TracedChannel::builder(channel)
+            .with(TraceContext::default())
+            .build()
+    }
+
+    /// Starts configuring the chain for `channel`. An empty builder is a
+    /// plain pass-through.
+    pub fn builder(channel: Channel) -> TracedChannelBuilder {
+        TracedChannelBuilder {
+            channel,
+            interceptors: Vec::new(),
+            agent: None,
+        }
+    }
+
+    /// The wrapped lapin channel.
+    pub fn inner(&self) -> &Channel {
+        &self.inner
+    }
+
+    /// Unwraps the lapin channel.
+    pub fn into_inner(self) -> Channel {
+        self.inner
+    }
+
+    /// This process's agent identity, as set on the builder.
+    pub fn agent(&self) -> Option<&str> {
+        self.chain.agent().map(|a| &**a)
+    }
+
+    /// Publishes a message, as [`Channel::basic_publish`].
+    ///
+    /// The publish hooks run first (they may add headers; the caller's
+    /// headers and properties are kept), then lapin publishes. lapin's
+    /// result comes back unchanged: telemetry never turns a success into an
+    /// error or the reverse. The returned [`PublisherConfirm`] resolves to
+    /// lapin's [`Confirmation`](lapin::Confirmation).
+    pub async fn basic_publish(
+        &self,
+        exchange: ShortString,
+        routing_key: ShortString,
+        options: BasicPublishOptions,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Result<PublisherConfirm> {
+        if self.chain.is_empty() {
+            let confirm = self
+                .inner
+                .basic_publish(exchange, routing_key, options, payload, properties)
+                .await?;
+            return Ok(PublisherConfirm::new(confirm, None));
+        }
+        let mut state = MessageState::new(
+            Direction::Sent,
+            Context::current(),
+            self.chain.agent().cloned(),
+        );
+        let mut headers = None;
+        {
+            let mut msg = OutgoingMessage {
+                exchange: exchange.as_str(),
+                routing_key: routing_key.as_str(),
+                options,
+                payload,
+                properties: &properties,
+                headers: &mut headers,
+                state: &mut state,
+            };
+            self.chain.publish(&mut msg);
+        }
+        let properties = match headers {
+            Some(h) => properties.with_headers(h),
+            None => properties,
+        };
+        let confirms = self.inner.status().confirm();
+        // Reports `Abandoned` if this future is dropped mid-publish.
+        let mut pending = PendingPublish {
+            state: Some(state),
+            chain: &self.chain,
+        };
+        let res = self
+            .inner
+            .basic_publish(exchange, routing_key, options, payload, properties)
+            .await;
+        match (res, pending.state.take()) {
+            (Ok(confirm), Some(state)) if confirms => Ok(PublisherConfirm::new(
+                confirm,
+                Some((state, Arc::clone(&self.chain))),
+            )),
+            (Ok(confirm), Some(mut state)) => {
+                self.chain.publish_result(&mut state, &PublishResult::Sent);
+                Ok(PublisherConfirm::new(confirm, None))
+            }
+            (Ok(confirm), None) => Ok(PublisherConfirm::new(confirm, None)),
+            (Err(error), Some(mut state)) => {
+                self.chain
+                    .publish_result(&mut state, &PublishResult::Failed(&error));
+                Err(error)
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+
+    /// Starts a consumer, as [`Channel::basic_consume`]: a `Stream` of
+    /// [`TracedDelivery`]. For a handler that is acked for you, see
+    /// [`TracedChannel::consume_with`].
+    pub async fn basic_consume(
+        &self,
+        queue: ShortString,
+        consumer_tag: ShortString,
+        options: BasicConsumeOptions,
+        arguments: FieldTable,
+    ) -> lapin::Result<TracedConsumer> {
+        let queue_name: Arc<str> = Arc::from(queue.as_str());
+        let no_ack = options.no_ack;
+        let consumer = self
+            .inner
+            .basic_consume(queue, consumer_tag, options, arguments)
+            .await?;
+        Ok(TracedConsumer::new(
+            consumer,
+            Arc::clone(&self.chain),
+            queue_name,
+            no_ack,
+        ))
+    }
+
+    /// Fetches one message, as [`Channel::basic_get`].
+    pub async fn basic_get(
+        &self,
+        queue: ShortString,
+        options: BasicGetOptions,
+    ) -> lapin::Result<Option<TracedGetMessage>> {
+        let queue_name: Arc<str> = Arc::from(queue.as_str());
+        let no_ack = options.no_ack;
+        let Some(msg) = self.inner.basic_get(queue, options).await? else {
+            return Ok(None);
+        };
+        let delivery =
+            TracedDelivery::new(msg.delivery, Arc::clone(&self.chain), &queue_name, no_ack);
+        Ok(Some(TracedGetMessage {
+            delivery,
+            message_count: msg.message_count,
+        }))
+    }
+}
+
+struct PendingPublish<'c> {
+    state: Option<MessageState>,
+    chain: &'c Chain,
+}
+
+impl Drop for PendingPublish<'_> {
+    fn drop(&mut self) {
+        if let Some(mut state) = self.state.take() {
+            self.chain
+                .publish_result(&mut state, &PublishResult::Abandoned);
+        }
+    }
+}
+
+impl Deref for TracedChannel {
+    type Target = Channel;
+    fn deref(&self) -> &Channel {
+        &self.inner
+    }
+}
+
+impl AsRef<Channel> for TracedChannel {
+    fn as_ref(&self) -> &Channel {
+        &self.inner
+    }
+}
+
+impl From<Channel> for TracedChannel {
+    /// Same as [`TracedChannel::new`]: the standard chain.
+    fn from(channel: Channel) -> Self {
+        TracedChannel::new(channel)
+    }
+}
+
+impl From<TracedChannel> for Channel {
+    fn from(traced: TracedChannel) -> Self {
+        traced.inner
+    }
+}
+
+impl fmt::Debug for TracedChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TracedChannel")
+            .field("channel", &self.inner.id())
+            .field("chain", &self.chain)
+            .finish()
+    }
+}
+
+/// Configures a [`TracedChannel`]'s chain.
+///
+/// Interceptors are listed nearest-the-wire first (see
+/// [the order rules](crate::interceptor#order)):
+/// ```no_run
+/// # async fn f(channel: lapin::Channel) {
+/// use mindbus_otel::{TracedChannel, TraceContext};
+/// let traced = TracedChannel::builder(channel)
+///     .agent("agent.writer.001")
+///     .with(TraceContext::default())
+///     .build();
+/// # }
+/// ```
+#[must_use]
+pub struct TracedChannelBuilder {
+    channel: Channel,
+    interceptors: Vec<Arc<dyn Interceptor>>,
+    agent: Option<Arc<str>>,
+}
+
+impl TracedChannelBuilder {
+    /// This process's agent identity (e.g. `agent.writer.001`), shown to
+    /// interceptors as [`MessageState::agent`].
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.agent = Some(Arc::from(agent.into()));
+        self
+    }
+
+    /// Appends an interceptor to the chain.
+    pub fn with(mut self, interceptor: impl Interceptor) -> Self {
+        self.interceptors.push(Arc::new(interceptor));
+        self
+    }
+
+    /// Appends an interceptor that is shared (e.g. by several channels).
+    pub fn with_shared(mut self, interceptor: Arc<dyn Interceptor>) -> Self {
+        self.interceptors.push(interceptor);
+        self
+    }
+
+    /// Builds the channel.
+    pub fn build(self) -> TracedChannel {
+        TracedChannel {
+            inner: self.channel,
+            chain: Arc::new(Chain::new(self.interceptors, self.agent)),
+        }
+    }
+}
+
+impl fmt::Debug for TracedChannelBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TracedChannelBuilder")
+            .field("interceptors", &self.interceptors.len())
+            .field("agent", &self.agent)
+            .finish()
+    }
+}

@@ -1,0 +1,274 @@
+//! Stream-style consuming: [`TracedConsumer`] yields [`TracedDelivery`]
+//! items whose `ack`/`nack`/`reject` run the settle hooks.
+
+use crate::interceptor::Chain;
+use crate::message::{Direction, IncomingMessage, MessageState, Outcome, Settlement};
+use futures_util::Stream;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::{MessageCount, ShortString};
+use lapin::{Consumer, message::Delivery};
+use opentelemetry::Context;
+use std::fmt;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+
+/// Runs the delivery hooks for a fresh delivery and returns its state.
+pub(crate) fn start_delivery(chain: &Chain, delivery: &Delivery, queue: &str) -> MessageState {
+    let mut state = MessageState::new(Direction::Received, Context::new(), chain.agent().cloned());
+    if !chain.is_empty() {
+        let mut msg = IncomingMessage {
+            delivery,
+            queue,
+            state: &mut state,
+        };
+        chain.delivery(&mut msg);
+    }
+    state
+}
+
+fn empty_context() -> &'static Context {
+    static EMPTY: OnceLock<Context> = OnceLock::new();
+    EMPTY.get_or_init(Context::new)
+}
+
+/// A delivery with telemetry. Derefs to lapin's [`Delivery`].
+///
+/// Settle it with [`ack`](TracedDelivery::ack), [`nack`](TracedDelivery::nack)
+/// or [`reject`](TracedDelivery::reject): they call lapin, then run the
+/// settle hooks with the outcome (a CONSUMER span ends there). Dropping it
+/// unsettled runs them with [`Outcome::Unsettled`] (or
+/// [`Outcome::AutoAck`] for a `no_ack` consumer). Settling through
+/// `delivery.acker` directly bypasses the hooks' outcome: the drop then
+/// reports [`Outcome::SettledElsewhere`].
+pub struct TracedDelivery {
+    delivery: Delivery,
+    state: Option<MessageState>,
+    chain: Arc<Chain>,
+    no_ack: bool,
+}
+
+impl TracedDelivery {
+    pub(crate) fn new(delivery: Delivery, chain: Arc<Chain>, queue: &str, no_ack: bool) -> Self {
+        let state = start_delivery(&chain, &delivery, queue);
+        TracedDelivery {
+            delivery,
+            state: Some(state),
+            chain,
+            no_ack,
+        }
+    }
+
+    /// The OpenTelemetry context this delivery should be processed in: the
+    /// CONSUMER span when spans are on, else the extracted remote parent,
+    /// else empty. Use it as `tracer.start_with_context(.., traced.context())`
+    /// or `future.with_context(traced.context().clone())`.
+    pub fn context(&self) -> &Context {
+        match &self.state {
+            Some(state) => state.context(),
+            None => empty_context(),
+        }
+    }
+
+    /// The message state (kind, extensions) kept until settlement.
+    pub fn state(&self) -> Option<&MessageState> {
+        self.state.as_ref()
+    }
+
+    /// The lapin delivery.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    /// Acknowledges it, as [`Acker::ack`](lapin::Acker::ack).
+    pub async fn ack(mut self, options: BasicAckOptions) -> lapin::Result<bool> {
+        let res = self.delivery.acker.ack(options).await;
+        self.finish(Outcome::Acked, &res);
+        res
+    }
+
+    /// Negatively acknowledges it, as [`Acker::nack`](lapin::Acker::nack).
+    pub async fn nack(mut self, options: BasicNackOptions) -> lapin::Result<bool> {
+        let res = self.delivery.acker.nack(options).await;
+        self.finish(
+            Outcome::Nacked {
+                requeue: options.requeue,
+            },
+            &res,
+        );
+        res
+    }
+
+    /// Rejects it, as [`Acker::reject`](lapin::Acker::reject).
+    pub async fn reject(mut self, options: BasicRejectOptions) -> lapin::Result<bool> {
+        let res = self.delivery.acker.reject(options).await;
+        self.finish(
+            Outcome::Rejected {
+                requeue: options.requeue,
+            },
+            &res,
+        );
+        res
+    }
+
+    fn finish(&mut self, outcome: Outcome, res: &lapin::Result<bool>) {
+        if let Some(mut state) = self.state.take() {
+            let settlement = Settlement {
+                outcome,
+                failure: None,
+                error: res.as_ref().err(),
+                applied: matches!(res, Ok(true)),
+            };
+            self.chain.settle(&mut state, &settlement);
+        }
+    }
+}
+
+impl Drop for TracedDelivery {
+    fn drop(&mut self) {
+        if let Some(mut state) = self.state.take() {
+            let acker = &self.delivery.acker;
+            let outcome = if self.no_ack {
+                Outcome::AutoAck
+            } else if !acker.usable() && !acker.poisoned() {
+                Outcome::SettledElsewhere
+            } else {
+                Outcome::Unsettled
+            };
+            let mut settlement = Settlement::new(outcome);
+            settlement.applied = outcome == Outcome::AutoAck;
+            self.chain.settle(&mut state, &settlement);
+        }
+    }
+}
+
+impl Deref for TracedDelivery {
+    type Target = Delivery;
+    fn deref(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
+impl AsRef<Delivery> for TracedDelivery {
+    fn as_ref(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
+impl fmt::Debug for TracedDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TracedDelivery")
+            .field("delivery_tag", &self.delivery.delivery_tag)
+            .field("routing_key", &self.delivery.routing_key)
+            .field("settled", &self.state.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message fetched with `basic_get`. Derefs to its [`TracedDelivery`].
+#[derive(Debug)]
+pub struct TracedGetMessage {
+    /// The delivery.
+    pub delivery: TracedDelivery,
+    /// Messages left in the queue after this one.
+    pub message_count: MessageCount,
+}
+
+impl TracedGetMessage {
+    /// The delivery, to settle it.
+    pub fn into_delivery(self) -> TracedDelivery {
+        self.delivery
+    }
+
+    /// Acknowledges it (see [`TracedDelivery::ack`]).
+    pub async fn ack(self, options: BasicAckOptions) -> lapin::Result<bool> {
+        self.delivery.ack(options).await
+    }
+
+    /// Negatively acknowledges it (see [`TracedDelivery::nack`]).
+    pub async fn nack(self, options: BasicNackOptions) -> lapin::Result<bool> {
+        self.delivery.nack(options).await
+    }
+
+    /// Rejects it (see [`TracedDelivery::reject`]).
+    pub async fn reject(self, options: BasicRejectOptions) -> lapin::Result<bool> {
+        self.delivery.reject(options).await
+    }
+}
+
+impl Deref for TracedGetMessage {
+    type Target = TracedDelivery;
+    fn deref(&self) -> &TracedDelivery {
+        &self.delivery
+    }
+}
+
+/// A lapin [`Consumer`] whose items are [`TracedDelivery`].
+pub struct TracedConsumer {
+    inner: Consumer,
+    chain: Arc<Chain>,
+    queue: Arc<str>,
+    no_ack: bool,
+}
+
+impl TracedConsumer {
+    pub(crate) fn new(inner: Consumer, chain: Arc<Chain>, queue: Arc<str>, no_ack: bool) -> Self {
+        TracedConsumer {
+            inner,
+            chain,
+            queue,
+            no_ack,
+        }
+    }
+
+    /// The consumer tag.
+    pub fn tag(&self) -> ShortString {
+        self.inner.tag()
+    }
+
+    /// The queue consumed from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The lapin consumer (its deliveries then bypass the chain).
+    pub fn into_inner(self) -> Consumer {
+        self.inner
+    }
+
+    pub(crate) fn into_parts(self) -> (Consumer, Arc<Chain>, Arc<str>, bool) {
+        (self.inner, self.chain, self.queue, self.no_ack)
+    }
+}
+
+impl Stream for TracedConsumer {
+    type Item = lapin::Result<TracedDelivery>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(delivery))) => Poll::Ready(Some(Ok(TracedDelivery::new(
+                delivery,
+                Arc::clone(&this.chain),
+                &this.queue,
+                this.no_ack,
+            )))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl fmt::Debug for TracedConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TracedConsumer")
+            .field("queue", &self.queue)
+            .field("no_ack", &self.no_ack)
+            .finish_non_exhaustive()
+    }
+}

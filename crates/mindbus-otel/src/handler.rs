@@ -1,0 +1,267 @@
+//! Handler-style consuming: [`TracedChannel::consume_with`].
+//!
+//! The handler gets lapin's own [`Delivery`] and returns
+//! `Result<(), E>`; the plugin settles for it:
+//!
+//! | handler | settlement | hooks see |
+//! |---|---|---|
+//! | `Ok(())` | `basic.ack` | [`Outcome::Acked`] |
+//! | `Err(e)` | `basic.nack(requeue = false)`: dead-lettered when the queue has a DLX | [`Outcome::Nacked`] and [`HandlerFailure::Error`] |
+//! | panics | caught; `basic.nack(requeue = false)`; counted and logged | [`Outcome::Nacked`] and [`HandlerFailure::Panic`] |
+//! | (`no_ack` consumer) | nothing to send | [`Outcome::AutoAck`] |
+//!
+//! The handler future runs inside the message's OpenTelemetry context, so
+//! `Context::current()` in it (also after an `.await`) is the CONSUMER span
+//! (or the extracted parent when spans are off), and what it publishes on a
+//! [`TracedChannel`] joins the same trace. Messages are handled one at a
+//! time, in order, as MindBus agents do (`prefetch_count = 1`); for
+//! concurrent processing use the stream style.
+
+use crate::channel::TracedChannel;
+use crate::delivery::start_delivery;
+use crate::message::{HandlerFailure, Outcome, Settlement};
+use futures_util::{FutureExt as _, StreamExt as _};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::types::{FieldTable, ShortString};
+use opentelemetry::context::FutureExt as _;
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one handler-style consumer.
+#[derive(Debug, Default)]
+pub struct ConsumeStats {
+    delivered: AtomicU64,
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    handler_errors: AtomicU64,
+    panics: AtomicU64,
+    settle_errors: AtomicU64,
+}
+
+impl ConsumeStats {
+    /// Deliveries handed to the handler.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+    /// Messages acked after the handler returned `Ok`.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+    /// Messages nacked (requeue = false) after an `Err` or a panic.
+    pub fn nacked(&self) -> u64 {
+        self.nacked.load(Ordering::Relaxed)
+    }
+    /// Handler calls that returned `Err`.
+    pub fn handler_errors(&self) -> u64 {
+        self.handler_errors.load(Ordering::Relaxed)
+    }
+    /// Handler calls that panicked (caught).
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+    /// Ack/nack calls that lapin failed (channel or connection closed).
+    pub fn settle_errors(&self) -> u64 {
+        self.settle_errors.load(Ordering::Relaxed)
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A running handler-style consumer.
+///
+/// Dropping the handle leaves the consumer running (as a detached task);
+/// [`cancel`](ConsumerHandle::cancel) stops it after the message in hand.
+pub struct ConsumerHandle {
+    tag: ShortString,
+    channel: Channel,
+    stats: Arc<ConsumeStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConsumerHandle {
+    /// The consumer tag.
+    pub fn tag(&self) -> &ShortString {
+        &self.tag
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Arc<ConsumeStats> {
+        &self.stats
+    }
+
+    /// Cancels the consumer (`basic.cancel`) and waits until the message in
+    /// hand is settled and the loop has ended.
+    pub async fn cancel(self) -> lapin::Result<()> {
+        let res = self
+            .channel
+            .basic_cancel(self.tag.clone(), BasicCancelOptions::default())
+            .await;
+        let _ = self.task.await;
+        res
+    }
+
+    /// Waits until the consumer ends (cancelled, or its channel closed).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+
+    /// True when the consumer loop has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl fmt::Debug for ConsumerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerHandle")
+            .field("tag", &self.tag)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string panic payload")
+}
+
+impl TracedChannel {
+    /// Consumes `queue` with a handler that is settled for you (see the
+    /// [module docs](crate::handler)). Spawns the consumer loop on the
+    /// current Tokio runtime and returns once the consumer is registered.
+    ///
+    /// ```no_run
+    /// # async fn f(channel: mindbus_otel::TracedChannel) -> lapin::Result<()> {
+    /// use lapin::{options::BasicConsumeOptions, types::FieldTable};
+    /// let handle = channel
+    ///     .consume_with("agent.writer".into(), "writer".into(), BasicConsumeOptions::default(),
+    ///         FieldTable::default(), |delivery| async move {
+    ///             let body = std::str::from_utf8(&delivery.data).map_err(|e| e.to_string())?;
+    ///             println!("got {body}");
+    ///             Ok::<(), String>(())
+    ///         })
+    ///     .await?;
+    /// # handle.cancel().await
+    /// # }
+    /// ```
+    pub async fn consume_with<F, Fut, E>(
+        &self,
+        queue: ShortString,
+        consumer_tag: ShortString,
+        options: BasicConsumeOptions,
+        arguments: FieldTable,
+        handler: F,
+    ) -> lapin::Result<ConsumerHandle>
+    where
+        F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        let consumer = self
+            .basic_consume(queue, consumer_tag, options, arguments)
+            .await?;
+        let tag = consumer.tag();
+        let stats = Arc::new(ConsumeStats::default());
+        let task = tokio::spawn(run_handler(consumer, handler, Arc::clone(&stats)));
+        Ok(ConsumerHandle {
+            tag,
+            channel: self.inner().clone(),
+            stats,
+            task,
+        })
+    }
+}
+
+async fn run_handler<F, Fut, E>(
+    consumer: crate::TracedConsumer,
+    handler: F,
+    stats: Arc<ConsumeStats>,
+) where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: fmt::Display + Send + 'static,
+{
+    let (mut consumer, chain, queue, no_ack) = consumer.into_parts();
+    while let Some(item) = consumer.next().await {
+        let delivery = match item {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                // lapin ends the stream after an error.
+                tracing::warn!(%error, queue = &*queue, "mindbus-otel: consumer stream error");
+                continue;
+            }
+        };
+        bump(&stats.delivered);
+        let mut state = start_delivery(&chain, &delivery, &queue);
+        let acker = delivery.acker.clone();
+        let cx = state.context().clone();
+
+        // A handler may panic when called or while polled: both are caught.
+        let result = match catch_unwind(AssertUnwindSafe(|| handler(delivery))) {
+            Ok(fut) => AssertUnwindSafe(fut.with_context(cx)).catch_unwind().await,
+            Err(panic) => Err(panic),
+        };
+        let error_text;
+        let failure = match &result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                bump(&stats.handler_errors);
+                error_text = e.to_string();
+                Some(HandlerFailure::Error(&error_text))
+            }
+            Err(panic) => {
+                bump(&stats.panics);
+                let text = panic_text(panic.as_ref());
+                metrics::counter!("mindbus_otel_handler_panics_total").increment(1);
+                tracing::error!(
+                    panic = text,
+                    queue = &*queue,
+                    "mindbus-otel: message handler panicked; message nacked, consumer goes on"
+                );
+                Some(HandlerFailure::Panic(text))
+            }
+        };
+
+        let (outcome, res) = if no_ack {
+            (Outcome::AutoAck, Ok(true))
+        } else if failure.is_none() {
+            let res = acker.ack(BasicAckOptions::default()).await;
+            if matches!(res, Ok(true)) {
+                bump(&stats.acked);
+            }
+            (Outcome::Acked, res)
+        } else {
+            let options = BasicNackOptions {
+                requeue: false,
+                ..BasicNackOptions::default()
+            };
+            let res = acker.nack(options).await;
+            if matches!(res, Ok(true)) {
+                bump(&stats.nacked);
+            }
+            (Outcome::Nacked { requeue: false }, res)
+        };
+        if let Err(error) = &res {
+            bump(&stats.settle_errors);
+            tracing::warn!(%error, queue = &*queue, "mindbus-otel: settling a delivery failed");
+        }
+        let settlement = Settlement {
+            outcome,
+            failure,
+            error: res.as_ref().err(),
+            applied: matches!(res, Ok(true)),
+        };
+        chain.settle(&mut state, &settlement);
+    }
+}
