@@ -208,7 +208,12 @@ async fn run_handler<F, Fut, E>(
         let cx = state.context().clone();
 
         // A handler may panic when called or while polled: both are caught.
-        let result = match catch_unwind(AssertUnwindSafe(|| handler(delivery))) {
+        // The handler's synchronous part runs in the context too.
+        let call = || {
+            let _guard = cx.clone().attach();
+            handler(delivery)
+        };
+        let result = match catch_unwind(AssertUnwindSafe(call)) {
             Ok(fut) => AssertUnwindSafe(fut.with_context(cx)).catch_unwind().await,
             Err(panic) => Err(panic),
         };

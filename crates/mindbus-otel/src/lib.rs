@@ -97,3 +97,8 @@ pub use message::{
 };
 pub use propagation::{ContextSource, PropagationStats, TraceContext};
 pub use w3c::RejectReason;
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

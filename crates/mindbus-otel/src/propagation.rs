@@ -189,7 +189,6 @@ impl TraceContext {
                 }
             }
         }
-        drop(span);
         if entries[0].is_some() {
             self.stats.injected.fetch_add(1, Ordering::Relaxed);
         }
@@ -358,5 +357,114 @@ impl Interceptor for TraceContext {
             Some(p) => self.extract_custom(p.as_ref(), msg),
         };
         msg.state_mut().set_context(cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::start_delivery;
+    use crate::interceptor::Chain;
+    use lapin::BasicProperties;
+    use lapin::message::Delivery;
+    use opentelemetry::propagation::Injector;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn deliver(tc: &TraceContext, headers: Option<FieldTable>, body: &[u8]) -> Context {
+        let chain = Chain::new(vec![Arc::new(tc.clone())], None);
+        let mut d = Delivery::mock(1, "".into(), "q".into(), false, body.to_vec());
+        if let Some(h) = headers {
+            d.properties = BasicProperties::default().with_headers(h);
+        }
+        start_delivery(&chain, &d, "q").context().clone()
+    }
+
+    fn one(key: &str, v: AMQPValue) -> Option<FieldTable> {
+        let mut t = FieldTable::default();
+        t.insert(key.into(), v);
+        Some(t)
+    }
+
+    #[test]
+    fn short_string_headers_are_read() {
+        // RabbitMQ cannot carry 's' values, so this is only testable here.
+        let tc = TraceContext::default();
+        let cx = deliver(
+            &tc,
+            one("traceparent", AMQPValue::ShortString(TP.into())),
+            b"",
+        );
+        assert_eq!(
+            cx.span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(tc.stats().extracted_from_headers(), 1);
+    }
+
+    #[test]
+    fn fallback_can_be_turned_off_and_baggage_dropped() {
+        let tc = TraceContext::default()
+            .cloudevents_fallback(false)
+            .baggage(false);
+        let body =
+            format!(r#"{{"specversion":"1.0","type":"ai.team.event","traceparent":"{TP}"}}"#);
+        let mut h = FieldTable::default();
+        h.insert("baggage".into(), AMQPValue::LongString("k=v".into()));
+        let cx = deliver(&tc, Some(h), body.as_bytes());
+        assert!(!cx.span().span_context().is_valid());
+        assert!(cx.baggage().is_empty());
+        assert_eq!(tc.stats().missing(), 1);
+    }
+
+    /// A propagator that uses a single `x-trace-id` header.
+    #[derive(Debug)]
+    struct XTrace(Vec<String>);
+
+    impl TextMapPropagator for XTrace {
+        fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+            let span = cx.span();
+            if span.span_context().is_valid() {
+                injector.set("x-trace-id", w3c::format_traceparent(span.span_context()));
+            }
+        }
+        fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+            let value = extractor
+                .get("x-trace-id")
+                .or_else(|| extractor.get("traceparent"));
+            match value.map(w3c::parse_traceparent) {
+                Some(Ok(sc)) => cx.with_remote_span_context(sc),
+                _ => cx.clone(),
+            }
+        }
+        fn fields(&self) -> opentelemetry::propagation::text_map_propagator::FieldIter<'_> {
+            opentelemetry::propagation::text_map_propagator::FieldIter::new(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_configured_propagator_does_the_work() {
+        let tc = TraceContext::default().with_propagator(XTrace(vec!["x-trace-id".into()]));
+        let cx = deliver(
+            &tc,
+            one("x-trace-id", AMQPValue::LongString(TP.into())),
+            b"",
+        );
+        assert!(cx.span().span_context().is_valid());
+        assert_eq!(tc.stats().extracted_from_headers(), 1);
+        // Body fallback through the same propagator.
+        let body =
+            format!(r#"{{"specversion":"1.0","type":"ai.team.event","traceparent":"{TP}"}}"#);
+        let cx = deliver(&tc, None, body.as_bytes());
+        assert!(cx.span().span_context().is_valid());
+        assert_eq!(tc.stats().extracted_from_body(), 1);
+        // A traceparent header it cannot read is counted.
+        let cx = deliver(
+            &tc,
+            one("traceparent", AMQPValue::LongString("junk".into())),
+            b"",
+        );
+        assert!(!cx.span().span_context().is_valid());
+        assert_eq!(tc.stats().rejected(RejectReason::Malformed), 1);
     }
 }

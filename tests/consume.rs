@@ -1,0 +1,582 @@
+//! Consuming in both styles against the real broker: settlement outcomes,
+//! dead-lettering, panics, `no_ack`, user interceptors, and lapin errors
+//! coming back unchanged.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use mindbus_otel::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+};
+use mindbus_otel::lapin::types::FieldTable;
+use mindbus_otel::lapin::{BasicProperties, Channel, ExchangeKind};
+use mindbus_otel::{
+    Interceptor, MessageKind, MessageState, Outcome, PublishResult, Settlement, TraceContext,
+    TracedChannel, on_publish, on_publish_result,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+async fn raw_publish(ch: &Channel, queue: &str, body: &[u8]) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+async fn drain(ch: &Channel, queue: &str, n: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < n && Instant::now() < deadline {
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(m) => out.push(m.delivery.data.clone()),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    out
+}
+
+/// A queue dead-lettering into its own fanout exchange and dead queue.
+struct Dlx {
+    queue: String,
+    exchange: String,
+    dead: String,
+}
+
+impl Dlx {
+    async fn declare(ch: &Channel, tag: &str) -> Dlx {
+        let exchange = unique(&format!("{tag}.dlx"));
+        let dead = unique(&format!("{tag}.dead"));
+        declare_exchange(ch, &exchange, ExchangeKind::Fanout).await;
+        declare_queue(ch, &dead, FieldTable::default()).await;
+        bind(ch, &dead, &exchange, "").await;
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), long(exchange.clone()));
+        let queue = unique(tag);
+        declare_queue(ch, &queue, args).await;
+        Dlx {
+            queue,
+            exchange,
+            dead,
+        }
+    }
+
+    async fn delete(&self, ch: &Channel) {
+        delete_queue(ch, &self.queue).await;
+        delete_queue(ch, &self.dead).await;
+        delete_exchange(ch, &self.exchange).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_ok_acks_err_and_panic_dead_letter_and_consumer_goes_on() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.handler").await;
+    let recorder = Recorder::default();
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .with(TraceContext::default())
+        .with(recorder.clone())
+        .build();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let handle = ch
+        .consume_with(
+            dlx.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+            move |delivery| {
+                let h = h.clone();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    match &delivery.data[..] {
+                        b"fail" => Err("the handler said no"),
+                        b"panic" => panic!("handler exploded"),
+                        _ => Ok(()),
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    for body in [&b"ok-1"[..], b"fail", b"panic", b"ok-2"] {
+        raw_publish(&raw, &dlx.queue, body).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || recorder.outcomes().len() == 4).await);
+    let stats = handle.stats().clone();
+    assert_eq!(stats.delivered(), 4);
+    assert_eq!(stats.acked(), 2);
+    assert_eq!(stats.nacked(), 2);
+    assert_eq!(stats.handler_errors(), 1);
+    assert_eq!(stats.panics(), 1);
+    assert!(!handle.is_finished(), "the consumer survived the panic");
+
+    let outcomes = recorder.outcomes();
+    assert_eq!(outcomes[0].outcome, Outcome::Acked);
+    assert_eq!(outcomes[1].outcome, Outcome::Nacked { requeue: false });
+    assert_eq!(
+        outcomes[1].failure.as_deref(),
+        Some("Error(\"the handler said no\")")
+    );
+    assert_eq!(outcomes[2].outcome, Outcome::Nacked { requeue: false });
+    assert_eq!(
+        outcomes[2].failure.as_deref(),
+        Some("Panic(\"handler exploded\")")
+    );
+    assert_eq!(outcomes[3].outcome, Outcome::Acked);
+    assert!(outcomes.iter().all(|o| o.applied));
+
+    let mut dead = drain(&raw, &dlx.dead, 2).await;
+    dead.sort();
+    assert_eq!(dead, vec![b"fail".to_vec(), b"panic".to_vec()]);
+    handle.cancel().await.unwrap();
+    assert_eq!(
+        message_count(&raw, &dlx.queue).await,
+        0,
+        "nothing left behind"
+    );
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_outcomes_ack_nack_reject_drop_and_raw_acker() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.stream").await;
+    let recorder = Recorder::default();
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .with(TraceContext::default())
+        .with(recorder.clone())
+        .build();
+    let bodies = [
+        br#"{"specversion":"1.0","type":"ai.team.command"}"#.to_vec(),
+        br#"{"specversion":"1.0","type":"ai.team.result"}"#.to_vec(),
+        br#"{"specversion":"1.0","type":"ai.team.error"}"#.to_vec(),
+        b"drop me".to_vec(),
+        b"raw acker".to_vec(),
+    ];
+    for b in &bodies {
+        raw_publish(&raw, &dlx.queue, b).await;
+    }
+    let mut consumer = ch
+        .basic_consume(
+            dlx.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    assert!(next().await.ack(BasicAckOptions::default()).await.unwrap());
+    let nack = BasicNackOptions {
+        requeue: false,
+        ..Default::default()
+    };
+    assert!(next().await.nack(nack).await.unwrap());
+    assert!(
+        next()
+            .await
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap()
+    );
+    let dropped = next().await;
+    let dropped_tag = dropped.delivery_tag;
+    drop(dropped);
+    let elsewhere = next().await;
+    elsewhere
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    drop(elsewhere);
+
+    let outcomes = recorder.outcomes();
+    let got: Vec<(MessageKind, Outcome)> = outcomes.iter().map(|o| (o.kind, o.outcome)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (MessageKind::Command, Outcome::Acked),
+            (MessageKind::Result, Outcome::Nacked { requeue: false }),
+            (MessageKind::Error, Outcome::Rejected { requeue: false }),
+            (MessageKind::Unknown, Outcome::Unsettled),
+            (MessageKind::Unknown, Outcome::SettledElsewhere),
+        ]
+    );
+    // The unsettled one is still ours: settle it through lapin to clean up.
+    ch.basic_ack(dropped_tag, BasicAckOptions::default())
+        .await
+        .unwrap();
+    let dead = drain(&raw, &dlx.dead, 2).await;
+    assert_eq!(dead.len(), 2, "nack and reject dead-lettered");
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_consumers_report_auto_ack() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let q1 = declare_queue(&raw, &unique("consume.noack.h"), FieldTable::default()).await;
+    let q2 = declare_queue(&raw, &unique("consume.noack.s"), FieldTable::default()).await;
+    let recorder = Recorder::default();
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .with(recorder.clone())
+        .build();
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let handle = ch
+        .consume_with(
+            q1.clone(),
+            "".into(),
+            no_ack,
+            FieldTable::default(),
+            |_d| async { Ok::<(), String>(()) },
+        )
+        .await
+        .unwrap();
+    raw_publish(&raw, q1.as_str(), b"h").await;
+    assert!(eventually(Duration::from_secs(10), || recorder.outcomes().len() == 1).await);
+    let mut consumer = ch
+        .basic_consume(q2.clone(), "".into(), no_ack, FieldTable::default())
+        .await
+        .unwrap();
+    raw_publish(&raw, q2.as_str(), b"s").await;
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(d);
+    let outcomes = recorder.outcomes();
+    assert_eq!(outcomes.len(), 2);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.outcome == Outcome::AutoAck && o.applied)
+    );
+    assert_eq!(handle.stats().acked(), 0, "nothing sent for no_ack");
+    handle.cancel().await.unwrap();
+    delete_queue(&raw, q1.as_str()).await;
+    delete_queue(&raw, q2.as_str()).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// A user-written interceptor keeping per-message state in extensions.
+#[derive(Clone, Default)]
+struct Timing {
+    durations: Arc<Mutex<Vec<Duration>>>,
+}
+
+struct Started(Instant);
+
+impl Interceptor for Timing {
+    fn on_delivery(&self, msg: &mut mindbus_otel::IncomingMessage<'_>) {
+        msg.state_mut().extensions.insert(Started(Instant::now()));
+    }
+    fn on_settle(&self, state: &mut MessageState, _: &Settlement<'_>) {
+        if let Some(Started(t)) = state.extensions.remove::<Started>() {
+            self.durations.lock().unwrap().push(t.elapsed());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_interceptors_closures_and_structs() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let queue = declare_queue(&raw, &unique("consume.user"), FieldTable::default()).await;
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let r = results.clone();
+    let timing = Timing::default();
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .agent("agent.test.001")
+        .with(on_publish(|msg| {
+            let agent = msg.state().agent().unwrap_or("?").to_owned();
+            msg.set_header("x-sent-by".into(), long(agent));
+        }))
+        .with(on_publish_result(move |_state, result| {
+            r.lock()
+                .unwrap()
+                .push(matches!(result, PublishResult::Sent));
+        }))
+        .with(timing.clone())
+        .build();
+    ch.basic_publish(
+        "".into(),
+        queue.clone(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(*results.lock().unwrap(), vec![true]);
+    let mut consumer = ch
+        .basic_consume(
+            queue.clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let headers = d.properties.headers().clone().unwrap();
+    assert_eq!(
+        headers.inner().get("x-sent-by"),
+        Some(&long("agent.test.001"))
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    let durations = timing.durations.lock().unwrap().clone();
+    assert_eq!(durations.len(), 1);
+    assert!(durations[0] >= Duration::from_millis(20));
+    delete_queue(&raw, queue.as_str()).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// Panics in every hook: messages must still flow, in both directions.
+struct Exploding;
+
+impl Interceptor for Exploding {
+    fn on_publish(&self, _: &mut mindbus_otel::OutgoingMessage<'_>) {
+        panic!("on_publish");
+    }
+    fn on_publish_result(&self, _: &mut MessageState, _: &PublishResult<'_>) {
+        panic!("on_publish_result");
+    }
+    fn on_delivery(&self, _: &mut mindbus_otel::IncomingMessage<'_>) {
+        panic!("on_delivery");
+    }
+    fn on_settle(&self, _: &mut MessageState, _: &Settlement<'_>) {
+        panic!("on_settle");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_interceptor_never_breaks_messaging() {
+    let conn = connect().await;
+    let recorder = Recorder::default();
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .with(TraceContext::default())
+        .with(Exploding)
+        .with(recorder.clone())
+        .build();
+    let queue = declare_queue(&ch, &unique("consume.explode"), FieldTable::default()).await;
+    let before = mindbus_otel::hook_panics();
+    let handle = ch
+        .consume_with(
+            queue.clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+            |_d| async { Ok::<(), String>(()) },
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        ch.basic_publish(
+            "".into(),
+            queue.clone(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(10), || handle.stats().acked() == 3).await);
+    assert!(eventually(Duration::from_secs(5), || recorder.outcomes().len() == 3).await);
+    // 3 publishes x 2 hooks + 3 deliveries x 2 hooks, at least (other tests
+    // in this binary may add their own).
+    assert!(mindbus_otel::hook_panics() - before >= 12);
+    handle.cancel().await.unwrap();
+    delete_queue(&ch, queue.as_str()).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+fn kind_of(e: &mindbus_otel::lapin::Error) -> String {
+    format!("{:?}", e.kind())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapin_errors_come_back_unchanged() {
+    let conn = connect().await;
+    let missing = unique("missing.exchange");
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let f = failures.clone();
+    let watch = on_publish_result(move |_s: &mut MessageState, r: &PublishResult<'_>| {
+        f.lock().unwrap().push(match r {
+            PublishResult::Failed(e) => format!("failed {:?}", e.kind()),
+            PublishResult::Confirmed(c) => format!("confirmed ack={}", c.is_ack()),
+            other => format!("{other:?}"),
+        });
+    });
+
+    // Publishing to a missing exchange with confirms: the channel is closed
+    // by the broker; lapin reports it on the confirm. Same for raw and traced.
+    let mut errors = Vec::new();
+    for traced in [false, true] {
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let res = if traced {
+            let t = TracedChannel::builder(ch.clone())
+                .with(TraceContext::default())
+                .with(watch.clone())
+                .build();
+            match t
+                .basic_publish(
+                    missing.as_str().into(),
+                    "k".into(),
+                    BasicPublishOptions::default(),
+                    b"x",
+                    BasicProperties::default(),
+                )
+                .await
+            {
+                Ok(confirm) => confirm.await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        } else {
+            match ch
+                .basic_publish(
+                    missing.as_str().into(),
+                    "k".into(),
+                    BasicPublishOptions::default(),
+                    b"x",
+                    BasicProperties::default(),
+                )
+                .await
+            {
+                Ok(confirm) => confirm.await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        };
+        errors.push(kind_of(&res.expect_err("missing exchange must fail")));
+
+        // The channel is now closed: the next publish fails at once.
+        let res = if traced {
+            TracedChannel::builder(ch.clone())
+                .with(watch.clone())
+                .build()
+                .basic_publish(
+                    "".into(),
+                    "k".into(),
+                    BasicPublishOptions::default(),
+                    b"x",
+                    BasicProperties::default(),
+                )
+                .await
+                .map(|_| ())
+        } else {
+            ch.basic_publish(
+                "".into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                b"x",
+                BasicProperties::default(),
+            )
+            .await
+            .map(|_| ())
+        };
+        errors.push(kind_of(&res.expect_err("closed channel must fail")));
+    }
+    assert_eq!(errors[0], errors[2], "confirm error differs: {errors:?}");
+    assert_eq!(
+        errors[1], errors[3],
+        "closed-channel error differs: {errors:?}"
+    );
+    assert!(
+        errors[0].contains("404")
+            || errors[0].contains("NOT_FOUND")
+            || errors[0].contains("NotFound"),
+        "{errors:?}"
+    );
+    let seen = failures.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.starts_with("failed ")), "{seen:?}");
+
+    // A confirmed publish reports the broker's ack.
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let queue = declare_queue(&ch, &unique("consume.confirm"), FieldTable::default()).await;
+    let t = TracedChannel::builder(ch.clone())
+        .with(watch.clone())
+        .build();
+    let c = t
+        .basic_publish(
+            "".into(),
+            queue.clone(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        failures.lock().unwrap().len(),
+        2,
+        "not reported before the confirm"
+    );
+    assert!(c.await.unwrap().is_ack());
+    assert_eq!(
+        failures.lock().unwrap().last().unwrap(),
+        "confirmed ack=true"
+    );
+    // An unawaited confirm is reported as abandoned, and lapin still tracks it.
+    drop(
+        t.basic_publish(
+            "".into(),
+            queue.clone(),
+            BasicPublishOptions::default(),
+            b"y",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(failures.lock().unwrap().last().unwrap(), "Abandoned");
+    ch.wait_for_confirms().await.unwrap();
+    delete_queue(&ch, queue.as_str()).await;
+    conn.close(200, "bye".into()).await.ok();
+}
