@@ -6,6 +6,7 @@ use crate::delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
 use crate::interceptor::{Chain, Interceptor};
 use crate::message::{Direction, MessageState, OutgoingMessage, PublishResult};
 use crate::propagation::TraceContext;
+use crate::spans::MessagingSpans;
 use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
@@ -28,10 +29,12 @@ pub struct TracedChannel {
 
 impl TracedChannel {
     /// Wraps `channel` with the standard chain: W3C trace-context
-    /// propagation ([`TraceContext`]).
+    /// propagation ([`TraceContext`]) and PRODUCER/CONSUMER spans through
+    /// the global tracer provider ([`MessagingSpans`]).
     pub fn new(channel: Channel) -> Self {
         TracedChannel::builder(channel)
             .with(TraceContext::default())
+            .with(MessagingSpans::default())
             .build()
     }
 
@@ -168,8 +171,13 @@ impl TracedChannel {
         let Some(msg) = self.inner.basic_get(queue, options).await? else {
             return Ok(None);
         };
-        let delivery =
-            TracedDelivery::new(msg.delivery, Arc::clone(&self.chain), &queue_name, no_ack);
+        let delivery = TracedDelivery::new(
+            msg.delivery,
+            Arc::clone(&self.chain),
+            &queue_name,
+            no_ack,
+            true,
+        );
         Ok(Some(TracedGetMessage {
             delivery,
             message_count: msg.message_count,

@@ -15,8 +15,16 @@ use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 
 /// Runs the delivery hooks for a fresh delivery and returns its state.
-pub(crate) fn start_delivery(chain: &Chain, delivery: &Delivery, queue: &str) -> MessageState {
+pub(crate) fn start_delivery(
+    chain: &Chain,
+    delivery: &Delivery,
+    queue: &str,
+    pull: bool,
+) -> MessageState {
     let mut state = MessageState::new(Direction::Received, Context::new(), chain.agent().cloned());
+    if pull {
+        state = state.pulled();
+    }
     if !chain.is_empty() {
         let mut msg = IncomingMessage {
             delivery,
@@ -50,8 +58,14 @@ pub struct TracedDelivery {
 }
 
 impl TracedDelivery {
-    pub(crate) fn new(delivery: Delivery, chain: Arc<Chain>, queue: &str, no_ack: bool) -> Self {
-        let state = start_delivery(&chain, &delivery, queue);
+    pub(crate) fn new(
+        delivery: Delivery,
+        chain: Arc<Chain>,
+        queue: &str,
+        no_ack: bool,
+        pull: bool,
+    ) -> Self {
+        let state = start_delivery(&chain, &delivery, queue, pull);
         TracedDelivery {
             delivery,
             state: Some(state),
@@ -256,6 +270,7 @@ impl Stream for TracedConsumer {
                 Arc::clone(&this.chain),
                 &this.queue,
                 this.no_ack,
+                false,
             )))),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),

@@ -203,7 +203,7 @@ async fn run_handler<F, Fut, E>(
             }
         };
         bump(&stats.delivered);
-        let mut state = start_delivery(&chain, &delivery, &queue);
+        let mut state = start_delivery(&chain, &delivery, &queue, false);
         let acker = delivery.acker.clone();
         let cx = state.context().clone();
 

@@ -72,6 +72,7 @@
 pub use lapin;
 pub use opentelemetry;
 
+pub mod agent_metrics;
 pub mod carrier;
 mod channel;
 mod confirm;
@@ -79,10 +80,15 @@ mod delivery;
 pub mod envelope;
 pub mod handler;
 pub mod interceptor;
+pub mod labels;
 pub mod message;
 pub mod propagation;
+pub mod semconv;
+pub mod spans;
+pub mod task_metrics;
 pub mod w3c;
 
+pub use agent_metrics::AgentMetrics;
 pub use channel::{TracedChannel, TracedChannelBuilder};
 pub use confirm::PublisherConfirm;
 pub use delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
@@ -96,6 +102,8 @@ pub use message::{
     PublishResult, Settlement,
 };
 pub use propagation::{ContextSource, PropagationStats, TraceContext};
+pub use spans::{MessagingSpans, SpanStats};
+pub use task_metrics::TaskMetrics;
 pub use w3c::RejectReason;
 
 /// The README's examples, compiled as doc tests.

@@ -127,6 +127,7 @@ pub struct MessageState {
     kind: MessageKind,
     started: Instant,
     agent: Option<Arc<str>>,
+    pull: bool,
     /// Per-interceptor state.
     pub extensions: Extensions,
 }
@@ -140,8 +141,20 @@ impl MessageState {
             kind: MessageKind::Unknown,
             started: Instant::now(),
             agent,
+            pull: false,
             extensions: Extensions::default(),
         }
+    }
+
+    pub(crate) fn pulled(mut self) -> Self {
+        self.pull = true;
+        self
+    }
+
+    /// True for a message fetched with `basic_get` (a pull), false for a
+    /// consumer push or a publish.
+    pub fn is_pull(&self) -> bool {
+        self.pull
     }
 
     /// Whether the message is being sent or was received.

@@ -377,7 +377,7 @@ mod tests {
         if let Some(h) = headers {
             d.properties = BasicProperties::default().with_headers(h);
         }
-        start_delivery(&chain, &d, "q").context().clone()
+        start_delivery(&chain, &d, "q", false).context().clone()
     }
 
     fn one(key: &str, v: AMQPValue) -> Option<FieldTable> {

@@ -1,0 +1,191 @@
+//! Bounded label values and cached metric handles.
+//!
+//! Label values that come from message content (agent ids, actions, models,
+//! error codes) can grow without bound. A [`LabelGuard`] admits the first
+//! `cap` distinct values of one label; later ones fold into
+//! [`OTHER`], and each fold is counted in
+//! `mindbus_otel_label_overflow_total{label}`.
+//!
+//! Values are interned: a value already seen costs a hash lookup, no
+//! allocation. [`HandleCache`] keeps one metric handle per label set so
+//! the hot path never rebuilds a metric key.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// The value that label values past the cap fold into.
+pub const OTHER: &str = "other";
+
+/// Default number of distinct values admitted per label.
+pub const DEFAULT_MAX_LABEL_VALUES: usize = 100;
+
+/// Longest label value kept; longer values are cut at a character
+/// boundary (a label is a name, not a payload).
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// An index into a [`LabelGuard`]'s values.
+pub type LabelId = u32;
+
+/// Interns the values of one label, up to a cap.
+#[derive(Debug)]
+pub struct LabelGuard {
+    label: &'static str,
+    cap: usize,
+    index: RwLock<HashMap<Box<str>, LabelId>>,
+    values: RwLock<Vec<Arc<str>>>,
+    folded: AtomicU64,
+}
+
+impl LabelGuard {
+    /// A guard for `label` admitting `cap` distinct values (plus
+    /// [`OTHER`], which is always id 0).
+    pub fn new(label: &'static str, cap: usize) -> Self {
+        LabelGuard {
+            label,
+            cap,
+            index: RwLock::new(HashMap::new()),
+            values: RwLock::new(vec![Arc::from(OTHER)]),
+            folded: AtomicU64::new(0),
+        }
+    }
+
+    /// The id of `value`, admitting it if there is room, else [`OTHER`]'s.
+    pub fn id(&self, value: &str) -> LabelId {
+        let value = truncate(value);
+        if let Ok(index) = self.index.read()
+            && let Some(id) = index.get(value)
+        {
+            return *id;
+        }
+        let Ok(mut index) = self.index.write() else {
+            return 0;
+        };
+        if let Some(id) = index.get(value) {
+            return *id;
+        }
+        if index.len() >= self.cap || value == OTHER {
+            if value != OTHER {
+                self.folded.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("mindbus_otel_label_overflow_total", "label" => self.label)
+                    .increment(1);
+            }
+            return 0;
+        }
+        let Ok(mut values) = self.values.write() else {
+            return 0;
+        };
+        let id = values.len() as LabelId;
+        values.push(Arc::from(value));
+        index.insert(value.into(), id);
+        id
+    }
+
+    /// The value of an id (shared, no copy).
+    pub fn value(&self, id: LabelId) -> Arc<str> {
+        self.values
+            .read()
+            .ok()
+            .and_then(|v| v.get(id as usize).cloned())
+            .unwrap_or_else(|| Arc::from(OTHER))
+    }
+
+    /// The value `value` is recorded as (itself or [`OTHER`]).
+    pub fn label(&self, value: &str) -> Arc<str> {
+        self.value(self.id(value))
+    }
+
+    /// How many times a value was folded into [`OTHER`].
+    pub fn folded(&self) -> u64 {
+        self.folded.load(Ordering::Relaxed)
+    }
+
+    /// Distinct values admitted so far (not counting [`OTHER`]).
+    pub fn admitted(&self) -> usize {
+        self.index.read().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+fn truncate(value: &str) -> &str {
+    if value.len() <= MAX_LABEL_LEN {
+        return value;
+    }
+    let mut end = MAX_LABEL_LEN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
+/// One metric handle per label set, created on first use.
+#[derive(Debug)]
+pub struct HandleCache<K, H> {
+    map: RwLock<HashMap<K, H>>,
+}
+
+impl<K, H> Default for HandleCache<K, H> {
+    fn default() -> Self {
+        HandleCache {
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy, H: Clone> HandleCache<K, H> {
+    /// The handle for `key`, made with `make` the first time.
+    pub fn get(&self, key: K, make: impl FnOnce() -> H) -> H {
+        if let Ok(map) = self.map.read()
+            && let Some(h) = map.get(&key)
+        {
+            return h.clone();
+        }
+        let handle = make();
+        if let Ok(mut map) = self.map.write() {
+            return map.entry(key).or_insert(handle).clone();
+        }
+        handle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_past_the_cap_and_counts() {
+        let g = LabelGuard::new("agent", 2);
+        assert_eq!(&*g.label("a"), "a");
+        assert_eq!(&*g.label("b"), "b");
+        assert_eq!(&*g.label("a"), "a");
+        assert_eq!(&*g.label("c"), OTHER);
+        assert_eq!(&*g.label("d"), OTHER);
+        assert_eq!(g.folded(), 2);
+        assert_eq!(g.admitted(), 2);
+        // "other" itself is never counted as a fold.
+        assert_eq!(&*g.label(OTHER), OTHER);
+        assert_eq!(g.folded(), 2);
+    }
+
+    #[test]
+    fn long_values_are_cut_on_a_char_boundary() {
+        let g = LabelGuard::new("model", 10);
+        let long = "é".repeat(200);
+        let v = g.label(&long);
+        assert!(v.len() <= MAX_LABEL_LEN);
+        assert!(long.starts_with(&*v));
+    }
+
+    #[test]
+    fn handle_cache_makes_once() {
+        let c: HandleCache<(u32, u8), u64> = HandleCache::default();
+        let mut made = 0;
+        for _ in 0..3 {
+            c.get((1, 2), || {
+                made += 1;
+                7
+            });
+        }
+        assert_eq!(made, 1);
+    }
+}

@@ -1,0 +1,685 @@
+//! [`MessagingSpans`]: PRODUCER and CONSUMER spans following the
+//! OpenTelemetry messaging semantic conventions, with MindBus and
+//! CloudEvents attributes and RPC-aware parenting.
+//!
+//! # The span model
+//! | operation | kind | name | starts | ends |
+//! |---|---|---|---|---|
+//! | `basic_publish` | PRODUCER | `publish {destination}` | publish hook | broker confirm (confirms on), hand-off to lapin (off), or the error |
+//! | push delivery | CONSUMER | `process {queue}` | delivery hook | settlement: ack, nack, reject, auto-ack or drop |
+//! | `basic_get` | CONSUMER | `receive {queue}` | delivery hook | settlement |
+//!
+//! `{destination}` is the exchange; for the default exchange it is the
+//! queue named by the routing key. Server-named and direct reply-to queues
+//! (`amq.gen-*`, `amq.rabbitmq.reply-to*`) never appear in names: they read
+//! `(temporary)` and carry `messaging.destination.temporary` (and
+//! `.anonymous`). Routing keys, which may hold agent ids, are attributes,
+//! never names.
+//!
+//! **Parents.** A PRODUCER span is a child of the caller's current span.
+//! When there is none and the message is a RESULT or ERROR whose
+//! `correlation_id` and routing key match a COMMAND this process is
+//! handling (received with that `correlation_id` and `reply_to`), it is a
+//! child of that COMMAND's CONSUMER span: so RPC replies join the task's
+//! trace in the stream style as in the handler style, where the CONSUMER
+//! span is simply current. The in-flight table is bounded
+//! ([`MessagingSpans::max_in_flight`]) and entries leave it at settlement.
+//!
+//! A `process` span's parent is the producer's context (from headers or
+//! the CloudEvents body), so one task is one trace; it also carries a link
+//! to it. [`MessagingSpans::link_only`] makes chosen kinds (say EVENT
+//! fan-out) start a new trace with only the link. Whatever span is current
+//! where deliveries are polled is ignored: a push consumer's processing
+//! belongs to the message, not to the consumer loop. A `receive` span
+//! (`basic_get`) follows the semantic conventions for pull: when the caller
+//! has a current span it is the parent, and the producer is linked.
+//!
+//! **Status.** Ack and auto-ack leave the status unset; nack and reject set
+//! error (`error.type` = `nack` / `reject`, requeue recorded); a delivery
+//! dropped unsettled sets error `unsettled`. A handler error or panic adds
+//! an `exception` event and sets `error.type` to `handler_error` /
+//! `panic`. An `ai.team.error` message, sent or received, sets error with
+//! `error.type` = its `data.error.code`. A publish nacked by the broker
+//! ends with `nack`, one returned as unroutable with `unroutable`, one lapin
+//! rejected with the lapin error class (`amqp_404`, `channel_closed`, ...).
+//!
+//! Payloads are never recorded unless [`MessagingSpans::record_payload`]
+//! opts in (with a byte cap).
+
+use crate::envelope::MessageKind;
+use crate::interceptor::Interceptor;
+use crate::message::{
+    Direction, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
+    PublishResult, Settlement,
+};
+use crate::semconv::*;
+use lapin::Confirmation;
+use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
+use opentelemetry::global::{self, BoxedTracer};
+use opentelemetry::trace::{
+    Link, SpanContext, SpanKind, Status, TraceContextExt, Tracer, TracerProvider,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Default bound of the in-flight COMMAND table.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("mindbus-otel")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+/// Where spans go.
+enum TracerSource {
+    /// The global provider, looked up per span (so installing the provider
+    /// after building the channel still works).
+    Global,
+    /// A tracer from a given provider.
+    Fixed(BoxedTracer),
+}
+
+/// Counters of a [`MessagingSpans`] interceptor.
+#[derive(Debug, Default)]
+pub struct SpanStats {
+    started: AtomicU64,
+    ended: AtomicU64,
+    rpc_parented: AtomicU64,
+    in_flight_full: AtomicU64,
+}
+
+impl SpanStats {
+    /// Spans started.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+    /// Spans ended.
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
+    }
+    /// RESULT/ERROR publishes parented through the in-flight COMMAND table.
+    pub fn rpc_parented(&self) -> u64 {
+        self.rpc_parented.load(Ordering::Relaxed)
+    }
+    /// COMMANDs not tracked because the in-flight table was full.
+    pub fn in_flight_full(&self) -> u64 {
+        self.in_flight_full.load(Ordering::Relaxed)
+    }
+}
+
+struct InFlightEntry {
+    reply_to: Box<str>,
+    correlation_id: Box<str>,
+    cx: Context,
+}
+
+/// COMMANDs being handled, by (reply_to, correlation_id).
+struct InFlight {
+    hasher: RandomState,
+    map: Mutex<HashMap<u64, InFlightEntry>>,
+    max: usize,
+}
+
+impl InFlight {
+    fn key(&self, reply_to: &str, correlation_id: &str) -> u64 {
+        self.hasher.hash_one((reply_to, correlation_id))
+    }
+
+    fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Per-message state of this interceptor.
+struct SpanState {
+    cx: Context,
+    in_flight: Option<u64>,
+}
+
+/// The spans interceptor: see the [module docs](self).
+#[derive(Clone)]
+pub struct MessagingSpans {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tracer: TracerSource,
+    link_only: [bool; 6],
+    payload_cap: Option<usize>,
+    server: Option<(String, u16)>,
+    in_flight: InFlight,
+    stats: SpanStats,
+}
+
+impl Default for MessagingSpans {
+    fn default() -> Self {
+        MessagingSpans::new()
+    }
+}
+
+impl fmt::Debug for MessagingSpans {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessagingSpans")
+            .field("link_only", &self.inner.link_only)
+            .field("payload_cap", &self.inner.payload_cap)
+            .field("server", &self.inner.server)
+            .field("stats", &self.inner.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MessagingSpans {
+    /// Spans through the global tracer provider.
+    pub fn new() -> Self {
+        MessagingSpans {
+            inner: Arc::new(Inner {
+                tracer: TracerSource::Global,
+                link_only: [false; 6],
+                payload_cap: None,
+                server: None,
+                in_flight: InFlight {
+                    hasher: RandomState::new(),
+                    map: Mutex::new(HashMap::new()),
+                    max: DEFAULT_MAX_IN_FLIGHT,
+                },
+                stats: SpanStats::default(),
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Inner)) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => f(inner),
+            None => {
+                // Shared already: configure a fresh copy.
+                let mut fresh = MessagingSpans::new();
+                if let Some(inner) = Arc::get_mut(&mut fresh.inner) {
+                    inner.link_only = self.inner.link_only;
+                    inner.payload_cap = self.inner.payload_cap;
+                    inner.server = self.inner.server.clone();
+                    inner.in_flight.max = self.inner.in_flight.max;
+                    f(inner);
+                }
+                self = fresh;
+            }
+        }
+        self
+    }
+
+    /// Spans through `provider` instead of the global one (e.g. one
+    /// provider per agent, each with its own `service.name`).
+    pub fn with_tracer_provider<P>(self, provider: &P) -> Self
+    where
+        P: TracerProvider,
+        P::Tracer: Tracer + Send + Sync + 'static,
+        <P::Tracer as Tracer>::Span: Send + Sync + 'static,
+    {
+        let tracer = BoxedTracer::new(Box::new(provider.tracer_with_scope(scope())));
+        self.edit(|i| i.tracer = TracerSource::Fixed(tracer))
+    }
+
+    /// CONSUMER spans of this kind start a new trace, linked to the
+    /// producer, instead of being its child (e.g. for chatty EVENT fan-out).
+    pub fn link_only(self, kind: MessageKind) -> Self {
+        self.edit(|i| i.link_only[kind.index()] = true)
+    }
+
+    /// Records up to `max_bytes` of each payload as `mindbus.message.body`
+    /// (lossy UTF-8). Off by default: payloads may hold private data.
+    pub fn record_payload(self, max_bytes: usize) -> Self {
+        self.edit(|i| i.payload_cap = Some(max_bytes))
+    }
+
+    /// The broker address for `server.address` / `server.port`.
+    pub fn server(self, address: impl Into<String>, port: u16) -> Self {
+        let address = address.into();
+        self.edit(|i| i.server = Some((address, port)))
+    }
+
+    /// Bound of the in-flight COMMAND table used for RPC parenting in the
+    /// stream style (default [`DEFAULT_MAX_IN_FLIGHT`]).
+    pub fn max_in_flight(self, max: usize) -> Self {
+        self.edit(|i| i.in_flight.max = max)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SpanStats {
+        &self.inner.stats
+    }
+
+    /// COMMANDs currently tracked for RPC parenting.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.len()
+    }
+
+    fn start(&self, builder: opentelemetry::trace::SpanBuilder, parent: &Context) -> Context {
+        self.inner.stats.started.fetch_add(1, Ordering::Relaxed);
+        match &self.inner.tracer {
+            TracerSource::Fixed(t) => parent.with_span(t.build_with_context(builder, parent)),
+            TracerSource::Global => {
+                let t = global::tracer_provider().tracer_with_scope(scope());
+                parent.with_span(t.build_with_context(builder, parent))
+            }
+        }
+    }
+
+    fn end(&self, cx: &Context) {
+        cx.span().end();
+        self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn common_attributes(&self, attrs: &mut Vec<KeyValue>, agent: Option<&str>) {
+        attrs.push(KeyValue::new(MESSAGING_SYSTEM, RABBITMQ));
+        if let Some((host, port)) = &self.inner.server {
+            attrs.push(KeyValue::new(SERVER_ADDRESS, host.clone()));
+            attrs.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
+        }
+        if let Some(agent) = agent {
+            attrs.push(KeyValue::new(MINDBUS_AGENT, agent.to_owned()));
+        }
+    }
+
+    fn payload_attribute(&self, attrs: &mut Vec<KeyValue>, payload: &[u8]) {
+        if let Some(cap) = self.inner.payload_cap {
+            let shown = &payload[..payload.len().min(cap)];
+            attrs.push(KeyValue::new(
+                MINDBUS_MESSAGE_BODY,
+                String::from_utf8_lossy(shown).into_owned(),
+            ));
+        }
+    }
+
+    /// The RPC parent of a reply published outside any span.
+    fn rpc_parent(&self, routing_key: &str, correlation_id: &str) -> Option<Context> {
+        let table = &self.inner.in_flight;
+        let key = table.key(routing_key, correlation_id);
+        let map = table.map.lock().ok()?;
+        let e = map.get(&key)?;
+        (&*e.reply_to == routing_key && &*e.correlation_id == correlation_id).then(|| e.cx.clone())
+    }
+
+    fn track_command(&self, reply_to: &str, correlation_id: &str, cx: &Context) -> Option<u64> {
+        let table = &self.inner.in_flight;
+        let key = table.key(reply_to, correlation_id);
+        let mut map = table.map.lock().ok()?;
+        if map.len() >= table.max && !map.contains_key(&key) {
+            self.inner
+                .stats
+                .in_flight_full
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        map.insert(
+            key,
+            InFlightEntry {
+                reply_to: reply_to.into(),
+                correlation_id: correlation_id.into(),
+                cx: cx.clone(),
+            },
+        );
+        Some(key)
+    }
+
+    fn untrack(&self, key: u64) {
+        if let Ok(mut map) = self.inner.in_flight.map.lock() {
+            map.remove(&key);
+        }
+    }
+}
+
+fn envelope_attributes(attrs: &mut Vec<KeyValue>, env: &crate::EnvelopeRef<'_>) {
+    attrs.push(KeyValue::new(MINDBUS_MESSAGE_KIND, env.kind().as_str()));
+    let pairs = [
+        (MINDBUS_ACTION, env.action()),
+        (MINDBUS_ERROR_CODE, env.error_code()),
+        (CLOUDEVENTS_EVENT_ID, env.id()),
+        (CLOUDEVENTS_EVENT_SOURCE, env.source()),
+        (CLOUDEVENTS_EVENT_TYPE, env.event_type()),
+        (CLOUDEVENTS_EVENT_SUBJECT, env.subject()),
+        (CLOUDEVENTS_EVENT_SPEC_VERSION, env.spec_version()),
+    ];
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            attrs.push(KeyValue::new(k, v.to_owned()));
+        }
+    }
+}
+
+/// `to`, with the baggage of `from` (baggage travels with the message even
+/// when the span parent comes from elsewhere).
+fn with_baggage_of(from: &Context, to: Context) -> Context {
+    let baggage = from.baggage();
+    if baggage.is_empty() {
+        return to;
+    }
+    to.with_baggage(
+        baggage
+            .iter()
+            .map(|(k, (v, m))| KeyValueMetadata::new(k.clone(), v.clone(), m.clone())),
+    )
+}
+
+/// A low-cardinality name for a destination, and whether it is temporary.
+fn destination_label(name: &str) -> (Cow<'static, str>, bool) {
+    if is_temporary_queue(name) {
+        (Cow::Borrowed(TEMPORARY_DESTINATION), true)
+    } else if name.is_empty() {
+        (Cow::Borrowed(DEFAULT_DESTINATION), false)
+    } else {
+        (Cow::Owned(name.to_owned()), false)
+    }
+}
+
+fn span_name(operation: &'static str, destination: &str) -> Cow<'static, str> {
+    let mut s = String::with_capacity(operation.len() + 1 + destination.len());
+    s.push_str(operation);
+    s.push(' ');
+    s.push_str(destination);
+    Cow::Owned(s)
+}
+
+/// The `error.type` of a lapin error.
+pub fn lapin_error_type(error: &lapin::Error) -> String {
+    use lapin::ErrorKind as K;
+    match error.kind() {
+        K::ProtocolError(e) => format!("amqp_{}", e.get_id()),
+        K::InvalidChannelState(..) | K::InvalidChannel(_) => "channel_closed".to_owned(),
+        K::InvalidConnectionState(_) => "connection_closed".to_owned(),
+        K::IOError(_) => "io_error".to_owned(),
+        K::MissingHeartbeatError => "missing_heartbeat".to_owned(),
+        _ => "lapin_error".to_owned(),
+    }
+}
+
+fn set_error(
+    cx: &Context,
+    error_type: impl Into<String>,
+    description: impl Into<Cow<'static, str>>,
+) {
+    let span = cx.span();
+    span.set_attribute(KeyValue::new(ERROR_TYPE, error_type.into()));
+    span.set_status(Status::error(description));
+}
+
+impl Interceptor for MessagingSpans {
+    fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
+        let exchange = msg.exchange();
+        let routing_key = msg.routing_key();
+        // For the default exchange the destination is the queue named by
+        // the routing key.
+        let destination = if exchange.is_empty() {
+            routing_key
+        } else {
+            exchange
+        };
+        let (label, temporary) = destination_label(destination);
+        let props = msg.properties();
+        let mut attrs = Vec::with_capacity(20);
+        self.common_attributes(&mut attrs, msg.state().agent());
+        attrs.push(KeyValue::new(MESSAGING_OPERATION_NAME, "publish"));
+        attrs.push(KeyValue::new(MESSAGING_OPERATION_TYPE, "send"));
+        attrs.push(KeyValue::new(
+            MESSAGING_DESTINATION_NAME,
+            destination.to_owned(),
+        ));
+        if temporary {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+        }
+        if !routing_key.is_empty() {
+            attrs.push(KeyValue::new(
+                MESSAGING_RABBITMQ_ROUTING_KEY,
+                routing_key.to_owned(),
+            ));
+        }
+        if let Some(id) = props.message_id() {
+            attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
+        }
+        let correlation_id = props.correlation_id().as_ref().map(|c| c.as_str());
+        if let Some(c) = correlation_id {
+            attrs.push(KeyValue::new(
+                MESSAGING_MESSAGE_CONVERSATION_ID,
+                c.to_owned(),
+            ));
+        }
+        attrs.push(KeyValue::new(
+            MESSAGING_MESSAGE_BODY_SIZE,
+            msg.payload().len() as i64,
+        ));
+        self.payload_attribute(&mut attrs, msg.payload());
+        let env = msg.envelope();
+        let kind = env.kind();
+        let error_code = env.error_code().map(str::to_owned);
+        envelope_attributes(&mut attrs, &env);
+
+        // Parent: the caller's span, else the COMMAND being answered.
+        let mut parent = msg.state().context().clone();
+        if !parent.span().span_context().is_valid()
+            && matches!(kind, MessageKind::Result | MessageKind::Error)
+            && let Some(c) = correlation_id
+            && let Some(cx) = self.rpc_parent(routing_key, c)
+        {
+            self.inner
+                .stats
+                .rpc_parented
+                .fetch_add(1, Ordering::Relaxed);
+            attrs.push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
+            // Keep the caller's baggage, take the COMMAND's span.
+            parent = with_baggage_of(&parent, cx);
+        }
+        let builder = opentelemetry::trace::SpanBuilder::from_name(span_name("publish", &label))
+            .with_kind(SpanKind::Producer)
+            .with_attributes(attrs);
+        let cx = self.start(builder, &parent);
+        if kind == MessageKind::Error {
+            set_error(
+                &cx,
+                error_code.unwrap_or_else(|| "error".to_owned()),
+                "ai.team.error",
+            );
+        }
+        msg.state_mut().set_context(cx.clone());
+        msg.state_mut().extensions.insert(SpanState {
+            cx,
+            in_flight: None,
+        });
+    }
+
+    fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
+        let Some(SpanState { cx, .. }) = state.extensions.remove::<SpanState>() else {
+            return;
+        };
+        let span = cx.span();
+        match result {
+            PublishResult::Sent => {
+                span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "not_requested"));
+            }
+            PublishResult::Confirmed(Confirmation::Ack(returned)) => {
+                span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "ack"));
+                if returned.is_some() {
+                    set_error(&cx, "unroutable", "returned by the broker as unroutable");
+                }
+            }
+            PublishResult::Confirmed(Confirmation::Nack(_)) => {
+                span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "nack"));
+                set_error(&cx, "nack", "nacked by the broker");
+            }
+            PublishResult::Confirmed(Confirmation::NotRequested) => {
+                span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "not_requested"));
+            }
+            PublishResult::Failed(error) => {
+                set_error(&cx, lapin_error_type(error), error.to_string());
+            }
+            PublishResult::Abandoned => {
+                span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "abandoned"));
+            }
+        }
+        self.end(&cx);
+    }
+
+    fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
+        let delivery = msg.delivery();
+        let queue = msg.queue();
+        let (label, temporary) = destination_label(queue);
+        // basic_get is a pull ("receive"); a consumer push is "process".
+        let pull = msg.state().is_pull();
+        let (op_name, op_type) = if pull {
+            ("receive", "receive")
+        } else {
+            ("process", "process")
+        };
+        let props = &delivery.properties;
+        let mut attrs = Vec::with_capacity(22);
+        self.common_attributes(&mut attrs, msg.state().agent());
+        attrs.push(KeyValue::new(MESSAGING_OPERATION_NAME, op_name));
+        attrs.push(KeyValue::new(MESSAGING_OPERATION_TYPE, op_type));
+        let exchange = delivery.exchange.as_str();
+        let destination = if exchange.is_empty() { queue } else { exchange };
+        attrs.push(KeyValue::new(
+            MESSAGING_DESTINATION_NAME,
+            destination.to_owned(),
+        ));
+        attrs.push(KeyValue::new(
+            MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
+            queue.to_owned(),
+        ));
+        if temporary {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+        }
+        let routing_key = delivery.routing_key.as_str();
+        if !routing_key.is_empty() {
+            attrs.push(KeyValue::new(
+                MESSAGING_RABBITMQ_ROUTING_KEY,
+                routing_key.to_owned(),
+            ));
+        }
+        attrs.push(KeyValue::new(
+            MESSAGING_RABBITMQ_DELIVERY_TAG,
+            delivery.delivery_tag as i64,
+        ));
+        if let Some(id) = props.message_id() {
+            attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
+        }
+        if let Some(c) = props.correlation_id() {
+            attrs.push(KeyValue::new(
+                MESSAGING_MESSAGE_CONVERSATION_ID,
+                c.as_str().to_owned(),
+            ));
+        }
+        attrs.push(KeyValue::new(
+            MESSAGING_MESSAGE_BODY_SIZE,
+            delivery.data.len() as i64,
+        ));
+        self.payload_attribute(&mut attrs, &delivery.data);
+        let env = msg.envelope();
+        let kind = env.kind();
+        let error_code = env.error_code().map(str::to_owned);
+        let ce_id = env.id().map(str::to_owned);
+        envelope_attributes(&mut attrs, &env);
+
+        // The producer's context, as extracted by the propagation
+        // interceptor (or empty).
+        let remote = msg.state().context().clone();
+        let producer: SpanContext = remote.span().span_context().clone();
+        let mut builder = opentelemetry::trace::SpanBuilder::from_name(span_name(op_name, &label))
+            .with_kind(SpanKind::Consumer)
+            .with_attributes(attrs);
+        if producer.is_valid() {
+            builder = builder.with_links(vec![Link::with_context(producer)]);
+        }
+        let ambient = Context::current();
+        let parent = if pull && ambient.span().span_context().is_valid() {
+            with_baggage_of(&remote, ambient)
+        } else if self.inner.link_only[kind.index()] {
+            with_baggage_of(&remote, Context::new())
+        } else {
+            remote
+        };
+        let cx = self.start(builder, &parent);
+        if kind == MessageKind::Error {
+            set_error(
+                &cx,
+                error_code.unwrap_or_else(|| "error".to_owned()),
+                "ai.team.error",
+            );
+        }
+        // Track COMMANDs awaiting a reply, for stream-style RPC parenting.
+        let mut in_flight = None;
+        if kind == MessageKind::Command
+            && let Some(reply_to) = props.reply_to()
+        {
+            let corr = props
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str().to_owned())
+                .or_else(|| props.message_id().as_ref().map(|m| m.as_str().to_owned()))
+                .or(ce_id);
+            if let Some(corr) = corr {
+                in_flight = self.track_command(reply_to.as_str(), &corr, &cx);
+            }
+        }
+        msg.state_mut().set_context(cx.clone());
+        msg.state_mut()
+            .extensions
+            .insert(SpanState { cx, in_flight });
+    }
+
+    fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
+        if state.direction() != Direction::Received {
+            return;
+        }
+        let Some(SpanState { cx, in_flight }) = state.extensions.remove::<SpanState>() else {
+            return;
+        };
+        if let Some(key) = in_flight {
+            self.untrack(key);
+        }
+        let span = cx.span();
+        span.set_attribute(KeyValue::new(
+            MINDBUS_SETTLEMENT,
+            settlement.outcome.as_str(),
+        ));
+        match settlement.failure {
+            Some(HandlerFailure::Error(text)) => {
+                span.add_event(
+                    EXCEPTION_EVENT,
+                    vec![
+                        KeyValue::new(EXCEPTION_TYPE, "handler_error"),
+                        KeyValue::new(EXCEPTION_MESSAGE, text.to_owned()),
+                    ],
+                );
+                set_error(&cx, "handler_error", text.to_owned());
+            }
+            Some(HandlerFailure::Panic(text)) => {
+                span.add_event(
+                    EXCEPTION_EVENT,
+                    vec![
+                        KeyValue::new(EXCEPTION_TYPE, "panic"),
+                        KeyValue::new(EXCEPTION_MESSAGE, text.to_owned()),
+                    ],
+                );
+                set_error(&cx, "panic", text.to_owned());
+            }
+            None => match settlement.outcome {
+                Outcome::Nacked { .. } => set_error(&cx, "nack", "nacked"),
+                Outcome::Rejected { .. } => set_error(&cx, "reject", "rejected"),
+                Outcome::Unsettled => set_error(&cx, "unsettled", "dropped unsettled"),
+                _ => {}
+            },
+        }
+        if let Outcome::Nacked { requeue } | Outcome::Rejected { requeue } = settlement.outcome {
+            span.set_attribute(KeyValue::new(MINDBUS_SETTLEMENT_REQUEUE, requeue));
+        }
+        if let Some(error) = settlement.error {
+            set_error(&cx, lapin_error_type(error), error.to_string());
+        }
+        self.end(&cx);
+    }
+}

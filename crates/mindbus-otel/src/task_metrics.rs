@@ -1,0 +1,530 @@
+//! [`TaskMetrics`]: AI_TEAM task and LLM metrics derived from MindBus
+//! traffic itself, with the names the AI_TEAM dashboards use.
+//!
+//! Put it on the orchestrator's channels (the side that sends COMMANDs and
+//! receives RESULT/ERROR). Everything is counted on that side only, so an
+//! agent and an orchestrator sharing one metrics registry never count a
+//! task twice.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `ai_team_tasks_total` | counter | `status` = `pending`, `completed`, `failed`, `expired` | pending when a COMMAND is sent; completed / failed when its RESULT / ERROR is received; expired when its `expiration` passes with no reply |
+//! | `ai_team_tasks_in_progress` | gauge | | COMMANDs awaiting a reply |
+//! | `ai_team_task_duration_seconds` | histogram | `task_type` (= `data.action`) | COMMAND sent to RESULT/ERROR received |
+//! | `ai_team_llm_calls_total` | counter | `model`, `agent` | RESULTs with `data.metrics` |
+//! | `ai_team_llm_tokens_total` | counter | `model`, `agent` | `data.metrics.tokens_used` |
+//! | `ai_team_llm_cost_dollars_total` | gauge, only increasing (the facade's counters are integers) | `model` | `data.metrics.cost_usd` or `estimated_cost_usd`, in dollars |
+//! | `ai_team_llm_latency_seconds` | histogram | `model` | `data.metrics.latency_ms`, else `data.execution_time_ms` |
+//! | `ai_team_quality_score` | histogram | | `data.output.quality_score` (buckets 0,2,4,6,8,10 in the exporter) |
+//! | `ai_team_agent_errors_total` | counter | `agent`, `code` | ERROR messages received, by sender and `data.error.code` |
+//! | `mindbus_otel_task_fields_missing_total` | counter | `field` | RESULT/ERROR fields that were absent or malformed (skipped) |
+//!
+//! A RESULT or ERROR is matched to its COMMAND by `correlation_id` (the
+//! reference client uses the COMMAND's CloudEvents `id`). The pending table
+//! is bounded ([`TaskMetrics::max_pending`]); entries leave it on reply, on
+//! expiry (the COMMAND's `expiration`, default 300 s, at most one hour) or
+//! when evicted as the oldest of a full table (counted as expired). A reply
+//! with no pending COMMAND (sent before a restart, or by another process)
+//! still counts as completed/failed, without a duration, unless it is a
+//! redelivery.
+
+use crate::envelope::MessageKind;
+use crate::interceptor::Interceptor;
+use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId};
+use crate::message::{IncomingMessage, MessageState, OutgoingMessage, PublishResult};
+use metrics::{Counter, Gauge, Histogram, Label, Unit};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// `ai_team_tasks_total`.
+pub const TASKS: &str = "ai_team_tasks_total";
+/// `ai_team_tasks_in_progress`.
+pub const TASKS_IN_PROGRESS: &str = "ai_team_tasks_in_progress";
+/// `ai_team_task_duration_seconds`.
+pub const TASK_DURATION: &str = "ai_team_task_duration_seconds";
+/// `ai_team_llm_calls_total`.
+pub const LLM_CALLS: &str = "ai_team_llm_calls_total";
+/// `ai_team_llm_tokens_total`.
+pub const LLM_TOKENS: &str = "ai_team_llm_tokens_total";
+/// `ai_team_llm_cost_dollars_total`.
+pub const LLM_COST: &str = "ai_team_llm_cost_dollars_total";
+/// `ai_team_llm_latency_seconds`.
+pub const LLM_LATENCY: &str = "ai_team_llm_latency_seconds";
+/// `ai_team_quality_score`.
+pub const QUALITY_SCORE: &str = "ai_team_quality_score";
+/// `ai_team_agent_errors_total`.
+pub const AGENT_ERRORS: &str = "ai_team_agent_errors_total";
+/// `mindbus_otel_task_fields_missing_total`.
+pub const FIELDS_MISSING: &str = "mindbus_otel_task_fields_missing_total";
+
+/// Default bound of the pending-COMMAND table.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
+/// The protocol's default COMMAND TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// The protocol's longest COMMAND TTL.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+
+const STATUSES: [&str; 4] = ["pending", "completed", "failed", "expired"];
+
+struct Pending {
+    sent: Instant,
+    deadline: Instant,
+    action: LabelId,
+}
+
+struct Table {
+    hasher: RandomState,
+    entries: HashMap<u64, Pending>,
+    /// (deadline, key), earliest first; pairs whose entry is gone are
+    /// skipped when popped, and the heap is rebuilt when they pile up.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+}
+
+/// Handles made on first use, so a recorder installed after construction
+/// (but before traffic) is the one used.
+struct Handles {
+    tasks: [Counter; 4],
+    in_progress: Gauge,
+    quality: Histogram,
+}
+
+/// The task-metrics interceptor: see the [module docs](self).
+#[derive(Clone)]
+pub struct TaskMetrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    max_pending: usize,
+    table: Mutex<Table>,
+    actions: LabelGuard,
+    models: LabelGuard,
+    agents: LabelGuard,
+    codes: LabelGuard,
+    handles: OnceLock<Handles>,
+    durations: HandleCache<LabelId, Histogram>,
+    llm: HandleCache<(LabelId, LabelId), (Counter, Counter)>,
+    per_model: HandleCache<LabelId, (Gauge, Histogram)>,
+    errors: HandleCache<(LabelId, LabelId), Counter>,
+}
+
+impl Default for TaskMetrics {
+    fn default() -> Self {
+        TaskMetrics::new()
+    }
+}
+
+impl fmt::Debug for TaskMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskMetrics")
+            .field("pending", &self.pending())
+            .field("max_pending", &self.inner.max_pending)
+            .finish_non_exhaustive()
+    }
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        TASKS,
+        Unit::Count,
+        "AI_TEAM tasks by status (from COMMAND/RESULT/ERROR traffic)"
+    );
+    metrics::describe_gauge!(
+        TASKS_IN_PROGRESS,
+        Unit::Count,
+        "COMMANDs awaiting a RESULT or ERROR"
+    );
+    metrics::describe_histogram!(
+        TASK_DURATION,
+        Unit::Seconds,
+        "COMMAND sent to RESULT/ERROR received, by action"
+    );
+    metrics::describe_counter!(
+        LLM_CALLS,
+        Unit::Count,
+        "LLM calls reported in RESULT data.metrics"
+    );
+    metrics::describe_counter!(
+        LLM_TOKENS,
+        Unit::Count,
+        "LLM tokens reported in RESULT data.metrics"
+    );
+    metrics::describe_gauge!(
+        LLM_COST,
+        "LLM cost in US dollars reported in RESULT data.metrics"
+    );
+    metrics::describe_histogram!(
+        LLM_LATENCY,
+        Unit::Seconds,
+        "LLM latency from RESULT data.metrics.latency_ms or data.execution_time_ms"
+    );
+    metrics::describe_histogram!(
+        QUALITY_SCORE,
+        "Quality score (0-10) from RESULT data.output.quality_score"
+    );
+    metrics::describe_counter!(
+        AGENT_ERRORS,
+        Unit::Count,
+        "ERROR messages by sending agent and google.rpc code"
+    );
+    metrics::describe_counter!(
+        FIELDS_MISSING,
+        Unit::Count,
+        "RESULT/ERROR fields absent or malformed, skipped"
+    );
+}
+
+fn missing(field: &'static str) {
+    metrics::counter!(FIELDS_MISSING, "field" => field).increment(1);
+}
+
+impl TaskMetrics {
+    /// With the default bounds.
+    pub fn new() -> Self {
+        TaskMetrics::with_limits(DEFAULT_MAX_PENDING, DEFAULT_MAX_LABEL_VALUES)
+    }
+
+    /// With a pending-table bound and a per-label cap on distinct values
+    /// (actions, models, agents, codes).
+    pub fn with_limits(max_pending: usize, max_label_values: usize) -> Self {
+        TaskMetrics {
+            inner: Arc::new(Inner {
+                max_pending,
+                table: Mutex::new(Table {
+                    hasher: RandomState::new(),
+                    entries: HashMap::new(),
+                    deadlines: BinaryHeap::new(),
+                }),
+                actions: LabelGuard::new("task_type", max_label_values),
+                models: LabelGuard::new("model", max_label_values),
+                agents: LabelGuard::new("agent", max_label_values),
+                codes: LabelGuard::new("code", max_label_values),
+                handles: OnceLock::new(),
+                durations: HandleCache::default(),
+                llm: HandleCache::default(),
+                per_model: HandleCache::default(),
+                errors: HandleCache::default(),
+            }),
+        }
+    }
+
+    /// Bound of the pending-COMMAND table (see [`TaskMetrics::with_limits`]).
+    pub fn max_pending(&self) -> usize {
+        self.inner.max_pending
+    }
+
+    /// COMMANDs awaiting a reply now (expired entries are swept first).
+    pub fn pending(&self) -> usize {
+        match self.inner.table.lock() {
+            Ok(mut t) => {
+                self.sweep(&mut t, Instant::now());
+                t.entries.len()
+            }
+            Err(_) => 0,
+        }
+    }
+
+    fn handles(&self) -> &Handles {
+        self.inner.handles.get_or_init(|| {
+            describe();
+            Handles {
+                tasks: STATUSES.map(|s| metrics::counter!(TASKS, "status" => s)),
+                in_progress: metrics::gauge!(TASKS_IN_PROGRESS),
+                quality: metrics::histogram!(QUALITY_SCORE),
+            }
+        })
+    }
+
+    fn status(&self, i: usize) -> &Counter {
+        &self.handles().tasks[i]
+    }
+
+    fn in_progress(&self, n: usize) {
+        self.handles().in_progress.set(n as f64);
+    }
+
+    /// Removes expired entries (counted `expired`); `now` is passed in so
+    /// one clock read serves a whole hook.
+    fn sweep(&self, t: &mut Table, now: Instant) {
+        while let Some(&Reverse((deadline, key))) = t.deadlines.peek() {
+            if deadline > now {
+                break;
+            }
+            t.deadlines.pop();
+            if t.entries.get(&key).is_some_and(|p| p.deadline == deadline) {
+                t.entries.remove(&key);
+                self.status(3).increment(1);
+            }
+        }
+        // Replies leave stale pairs behind: rebuild before they pile up.
+        if t.deadlines.len() > 2 * self.inner.max_pending.max(16) {
+            let live: BinaryHeap<_> = t
+                .entries
+                .iter()
+                .map(|(k, p)| Reverse((p.deadline, *k)))
+                .collect();
+            t.deadlines = live;
+        }
+        self.in_progress(t.entries.len());
+    }
+
+    fn command_sent(&self, correlation_id: &str, action: LabelId, ttl: Duration) {
+        let Ok(mut t) = self.inner.table.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        self.sweep(&mut t, now);
+        let key = t.hasher.hash_one(correlation_id);
+        // Full: evict the live entry closest to expiry (counted as expired).
+        while t.entries.len() >= self.inner.max_pending && !t.entries.contains_key(&key) {
+            let Some(Reverse((deadline, old))) = t.deadlines.pop() else {
+                break;
+            };
+            if t.entries.get(&old).is_some_and(|p| p.deadline == deadline) {
+                t.entries.remove(&old);
+                self.status(3).increment(1);
+            }
+        }
+        if self.inner.max_pending == 0 {
+            return;
+        }
+        let deadline = now + ttl;
+        t.entries.insert(
+            key,
+            Pending {
+                sent: now,
+                deadline,
+                action,
+            },
+        );
+        t.deadlines.push(Reverse((deadline, key)));
+        self.in_progress(t.entries.len());
+    }
+
+    fn reply_received(&self, correlation_id: &str) -> Option<Pending> {
+        let mut t = self.inner.table.lock().ok()?;
+        let now = Instant::now();
+        self.sweep(&mut t, now);
+        let key = t.hasher.hash_one(correlation_id);
+        let p = t.entries.remove(&key);
+        self.in_progress(t.entries.len());
+        p
+    }
+}
+
+fn ttl_of(expiration: Option<&str>) -> Duration {
+    expiration
+        .and_then(|e| e.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_TTL)
+        .min(MAX_TTL)
+}
+
+/// A COMMAND being sent, remembered until its publish succeeds.
+struct CommandOut {
+    correlation_id: Box<str>,
+    action: LabelId,
+    ttl: Duration,
+}
+
+impl Interceptor for TaskMetrics {
+    fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
+        let props = msg.properties();
+        let correlation_id = props
+            .correlation_id()
+            .as_ref()
+            .or(props.message_id().as_ref())
+            .map(|c| c.as_str());
+        let ttl = ttl_of(props.expiration().as_ref().map(|e| e.as_str()));
+        let env = msg.envelope();
+        if env.kind() != MessageKind::Command {
+            return;
+        }
+        let Some(correlation_id) = correlation_id.or(env.id()) else {
+            missing("correlation_id");
+            return;
+        };
+        let action = self.inner.actions.id(env.action().unwrap_or("unknown"));
+        let out = CommandOut {
+            correlation_id: correlation_id.into(),
+            action,
+            ttl,
+        };
+        msg.state_mut().extensions.insert(out);
+    }
+
+    fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
+        let Some(out) = state.extensions.remove::<CommandOut>() else {
+            return;
+        };
+        let ok = match result {
+            PublishResult::Failed(_) => false,
+            PublishResult::Confirmed(c) => !c.is_nack(),
+            _ => true,
+        };
+        if ok {
+            self.status(0).increment(1);
+            self.command_sent(&out.correlation_id, out.action, out.ttl);
+        }
+    }
+
+    fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
+        let delivery = msg.delivery();
+        let redelivered = delivery.redelivered;
+        let correlation_id = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str());
+        let env = msg.envelope();
+        let kind = env.kind();
+        if !matches!(kind, MessageKind::Result | MessageKind::Error) {
+            return;
+        }
+        let i = &self.inner;
+        let agent = i.agents.id(env.source().unwrap_or("unknown"));
+        if kind == MessageKind::Error {
+            let code = match env.error_code() {
+                Some(c) => c,
+                None => {
+                    missing("error.code");
+                    "UNKNOWN"
+                }
+            };
+            let code = i.codes.id(code);
+            i.errors
+                .get((agent, code), || {
+                    metrics::counter!(
+                        AGENT_ERRORS,
+                        vec![
+                            Label::new("agent", i.agents.value(agent)),
+                            Label::new("code", i.codes.value(code)),
+                        ]
+                    )
+                })
+                .increment(1);
+        }
+
+        // The task this reply ends.
+        let status = if kind == MessageKind::Result { 1 } else { 2 };
+        match correlation_id.map(|c| self.reply_received(c)) {
+            Some(Some(pending)) => {
+                self.status(status).increment(1);
+                let action = pending.action;
+                i.durations
+                    .get(action, || {
+                        metrics::histogram!(
+                            TASK_DURATION,
+                            vec![Label::new("task_type", i.actions.value(action),)]
+                        )
+                    })
+                    .record(pending.sent.elapsed().as_secs_f64());
+            }
+            Some(None) if !redelivered => self.status(status).increment(1),
+            Some(None) => {}
+            None => {
+                if kind == MessageKind::Result {
+                    missing("correlation_id");
+                }
+            }
+        }
+
+        if kind != MessageKind::Result {
+            return;
+        }
+        if let Some(score) = env.quality_score() {
+            if (0.0..=10.0).contains(&score) {
+                self.handles().quality.record(score);
+            } else {
+                missing("output.quality_score");
+            }
+        }
+        if !env.has_metrics() {
+            return;
+        }
+        let model = match env.model() {
+            Some(m) => m,
+            None => {
+                missing("metrics.model");
+                "unknown"
+            }
+        };
+        let model = i.models.id(model);
+        let (calls, tokens) = i.llm.get((model, agent), || {
+            let labels = vec![
+                Label::new("model", i.models.value(model)),
+                Label::new("agent", i.agents.value(agent)),
+            ];
+            (
+                metrics::counter!(LLM_CALLS, labels.clone()),
+                metrics::counter!(LLM_TOKENS, labels),
+            )
+        });
+        calls.increment(1);
+        match env.tokens_used() {
+            Some(t) if t >= 0.0 => tokens.increment(t as u64),
+            _ => missing("metrics.tokens_used"),
+        }
+        let (cost, latency) = i.per_model.get(model, || {
+            let labels = vec![Label::new("model", i.models.value(model))];
+            (
+                metrics::gauge!(LLM_COST, labels.clone()),
+                metrics::histogram!(LLM_LATENCY, labels),
+            )
+        });
+        match env.cost_usd() {
+            // The facade's counters are integers: dollars are fractional, so
+            // this is a gauge that only ever increases (rate()/increase()
+            // work on it as on a counter).
+            Some(c) if c >= 0.0 => cost.increment(c),
+            _ => missing("metrics.cost_usd"),
+        }
+        match env.latency_ms().or(env.execution_time_ms()) {
+            Some(ms) if ms >= 0.0 => latency.record(ms / 1000.0),
+            _ => missing("metrics.latency_ms"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_parsing() {
+        assert_eq!(ttl_of(None), DEFAULT_TTL);
+        assert_eq!(ttl_of(Some("1500")), Duration::from_millis(1500));
+        assert_eq!(ttl_of(Some("junk")), DEFAULT_TTL);
+        assert_eq!(ttl_of(Some("99999999")), MAX_TTL);
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_expires() {
+        let tm = TaskMetrics::with_limits(100, 10);
+        for i in 0..10_000 {
+            tm.command_sent(&format!("c{i}"), 0, Duration::from_secs(60));
+        }
+        assert_eq!(tm.pending(), 100);
+        assert!(
+            tm.inner
+                .table
+                .lock()
+                .map(|t| t.deadlines.len())
+                .unwrap_or(0)
+                <= 200
+        );
+        assert!(tm.reply_received("c9999").is_some());
+        assert!(tm.reply_received("c0").is_none(), "evicted");
+        for i in 0..50 {
+            tm.command_sent(&format!("short{i}"), 0, Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        // 99 left + 50 short-lived ones, each past the first evicting the
+        // entry closest to expiry: the short ones themselves.
+        assert_eq!(tm.pending(), 99);
+    }
+}
