@@ -3,14 +3,13 @@
 
 use crate::confirm::PublisherConfirm;
 use crate::delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
-use crate::interceptor::{Chain, Interceptor};
-use crate::message::{Direction, MessageState, OutgoingMessage, PublishResult};
+use crate::interceptor::{InterceptorChain, Interceptor};
+use crate::message::{MessageState, PublishResult};
 use crate::propagation::TraceContext;
 use crate::spans::MessagingSpans;
 use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
-use opentelemetry::Context;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct TracedChannel {
     inner: Channel,
-    chain: Arc<Chain>,
+    chain: Arc<InterceptorChain>,
 }
 
 impl TracedChannel {
@@ -85,28 +84,13 @@ impl TracedChannel {
                 .await?;
             return Ok(PublisherConfirm::new(confirm, None));
         }
-        let mut state = MessageState::new(
-            Direction::Sent,
-            Context::current(),
-            self.chain.agent().cloned(),
+        let (properties, state) = self.chain.start_publish(
+            exchange.as_str(),
+            routing_key.as_str(),
+            options,
+            payload,
+            properties,
         );
-        let mut headers = None;
-        {
-            let mut msg = OutgoingMessage {
-                exchange: exchange.as_str(),
-                routing_key: routing_key.as_str(),
-                options,
-                payload,
-                properties: &properties,
-                headers: &mut headers,
-                state: &mut state,
-            };
-            self.chain.publish(&mut msg);
-        }
-        let properties = match headers {
-            Some(h) => properties.with_headers(h),
-            None => properties,
-        };
         let confirms = self.inner.status().confirm();
         // Reports `Abandoned` if this future is dropped mid-publish.
         let mut pending = PendingPublish {
@@ -187,7 +171,7 @@ impl TracedChannel {
 
 struct PendingPublish<'c> {
     state: Option<MessageState>,
-    chain: &'c Chain,
+    chain: &'c InterceptorChain,
 }
 
 impl Drop for PendingPublish<'_> {
@@ -278,7 +262,7 @@ impl TracedChannelBuilder {
     pub fn build(self) -> TracedChannel {
         TracedChannel {
             inner: self.channel,
-            chain: Arc::new(Chain::new(self.interceptors, self.agent)),
+            chain: Arc::new(InterceptorChain::new(self.interceptors, self.agent)),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The publisher-confirm future returned by `TracedChannel::basic_publish`.
 
-use crate::interceptor::Chain;
+use crate::interceptor::InterceptorChain;
 use crate::message::{MessageState, PublishResult};
 use lapin::Confirmation;
 use std::fmt;
@@ -19,13 +19,13 @@ use std::task::{Context, Poll};
 /// and reports the publish as [`PublishResult::Abandoned`].
 pub struct PublisherConfirm {
     inner: Option<lapin::PublisherConfirm>,
-    pending: Option<(MessageState, Arc<Chain>)>,
+    pending: Option<(MessageState, Arc<InterceptorChain>)>,
 }
 
 impl PublisherConfirm {
     pub(crate) fn new(
         inner: lapin::PublisherConfirm,
-        pending: Option<(MessageState, Arc<Chain>)>,
+        pending: Option<(MessageState, Arc<InterceptorChain>)>,
     ) -> Self {
         PublisherConfirm {
             inner: Some(inner),

@@ -1,8 +1,8 @@
 //! Stream-style consuming: [`TracedConsumer`] yields [`TracedDelivery`]
 //! items whose `ack`/`nack`/`reject` run the settle hooks.
 
-use crate::interceptor::Chain;
-use crate::message::{Direction, IncomingMessage, MessageState, Outcome, Settlement};
+use crate::interceptor::InterceptorChain;
+use crate::message::{MessageState, Outcome, Settlement};
 use futures_util::Stream;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{MessageCount, ShortString};
@@ -13,28 +13,6 @@ use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
-
-/// Runs the delivery hooks for a fresh delivery and returns its state.
-pub(crate) fn start_delivery(
-    chain: &Chain,
-    delivery: &Delivery,
-    queue: &str,
-    pull: bool,
-) -> MessageState {
-    let mut state = MessageState::new(Direction::Received, Context::new(), chain.agent().cloned());
-    if pull {
-        state = state.pulled();
-    }
-    if !chain.is_empty() {
-        let mut msg = IncomingMessage {
-            delivery,
-            queue,
-            state: &mut state,
-        };
-        chain.delivery(&mut msg);
-    }
-    state
-}
 
 fn empty_context() -> &'static Context {
     static EMPTY: OnceLock<Context> = OnceLock::new();
@@ -53,19 +31,19 @@ fn empty_context() -> &'static Context {
 pub struct TracedDelivery {
     delivery: Delivery,
     state: Option<MessageState>,
-    chain: Arc<Chain>,
+    chain: Arc<InterceptorChain>,
     no_ack: bool,
 }
 
 impl TracedDelivery {
     pub(crate) fn new(
         delivery: Delivery,
-        chain: Arc<Chain>,
+        chain: Arc<InterceptorChain>,
         queue: &str,
         no_ack: bool,
         pull: bool,
     ) -> Self {
-        let state = start_delivery(&chain, &delivery, queue, pull);
+        let state = chain.start_delivery(&delivery, queue, pull);
         TracedDelivery {
             delivery,
             state: Some(state),
@@ -221,13 +199,13 @@ impl Deref for TracedGetMessage {
 /// A lapin [`Consumer`] whose items are [`TracedDelivery`].
 pub struct TracedConsumer {
     inner: Consumer,
-    chain: Arc<Chain>,
+    chain: Arc<InterceptorChain>,
     queue: Arc<str>,
     no_ack: bool,
 }
 
 impl TracedConsumer {
-    pub(crate) fn new(inner: Consumer, chain: Arc<Chain>, queue: Arc<str>, no_ack: bool) -> Self {
+    pub(crate) fn new(inner: Consumer, chain: Arc<InterceptorChain>, queue: Arc<str>, no_ack: bool) -> Self {
         TracedConsumer {
             inner,
             chain,
@@ -251,7 +229,7 @@ impl TracedConsumer {
         self.inner
     }
 
-    pub(crate) fn into_parts(self) -> (Consumer, Arc<Chain>, Arc<str>, bool) {
+    pub(crate) fn into_parts(self) -> (Consumer, Arc<InterceptorChain>, Arc<str>, bool) {
         (self.inner, self.chain, self.queue, self.no_ack)
     }
 }

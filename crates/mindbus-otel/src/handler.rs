@@ -18,7 +18,6 @@
 //! concurrent processing use the stream style.
 
 use crate::channel::TracedChannel;
-use crate::delivery::start_delivery;
 use crate::message::{HandlerFailure, Outcome, Settlement};
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::Channel;
@@ -203,7 +202,7 @@ async fn run_handler<F, Fut, E>(
             }
         };
         bump(&stats.delivered);
-        let mut state = start_delivery(&chain, &delivery, &queue, false);
+        let mut state = chain.start_delivery(&delivery, &queue, false);
         let acker = delivery.acker.clone();
         let cx = state.context().clone();
 

@@ -24,7 +24,12 @@
 //! caller drops a future or a delivery. A hook that panics is caught,
 //! counted and logged; the message goes on and later hooks still run.
 
-use crate::message::{IncomingMessage, MessageState, OutgoingMessage, PublishResult, Settlement};
+use crate::message::{
+    Direction, IncomingMessage, MessageState, OutgoingMessage, PublishResult, Settlement,
+};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, message::Delivery};
+use opentelemetry::Context;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -127,15 +132,18 @@ pub fn hook_panics() -> u64 {
     HOOK_PANICS.load(Ordering::Relaxed)
 }
 
-/// The configured chain, shared by a channel's clones and its consumers.
-pub(crate) struct Chain {
+/// An ordered list of interceptors plus the agent identity: what a
+/// [`TracedChannel`](crate::TracedChannel) runs. Public so interceptors can be
+/// driven without a broker (unit tests, benchmarks): the `start_*`/`end_*`
+/// methods run the hooks exactly as the channel does.
+pub struct InterceptorChain {
     interceptors: Box<[Arc<dyn Interceptor>]>,
     agent: Option<Arc<str>>,
 }
 
-impl fmt::Debug for Chain {
+impl fmt::Debug for InterceptorChain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Chain")
+        f.debug_struct("InterceptorChain")
             .field("interceptors", &self.interceptors.len())
             .field("agent", &self.agent)
             .finish()
@@ -153,20 +161,86 @@ fn guarded(hook: &'static str, f: impl FnOnce()) {
     }
 }
 
-impl Chain {
-    pub(crate) fn new(interceptors: Vec<Arc<dyn Interceptor>>, agent: Option<Arc<str>>) -> Self {
-        Chain {
+impl InterceptorChain {
+    /// A chain of `interceptors` (nearest the wire first) for `agent`.
+    pub fn new(interceptors: Vec<Arc<dyn Interceptor>>, agent: Option<Arc<str>>) -> Self {
+        InterceptorChain {
             interceptors: interceptors.into_boxed_slice(),
             agent,
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    /// True when there is no interceptor (the channel is a pass-through).
+    pub fn is_empty(&self) -> bool {
         self.interceptors.is_empty()
     }
 
-    pub(crate) fn agent(&self) -> Option<&Arc<str>> {
+    /// The agent identity.
+    pub fn agent(&self) -> Option<&Arc<str>> {
         self.agent.as_ref()
+    }
+
+    /// Runs the publish hooks for a message, as `basic_publish` does before
+    /// handing it to lapin: returns the properties to send (with the
+    /// headers the hooks set) and the state to pass to
+    /// [`end_publish`](Self::end_publish). The caller's current
+    /// OpenTelemetry context is the message's starting context.
+    pub fn start_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> (BasicProperties, MessageState) {
+        let mut state = MessageState::new(Direction::Sent, Context::current(), self.agent.clone());
+        let mut headers = None;
+        {
+            let mut msg = OutgoingMessage {
+                exchange,
+                routing_key,
+                options,
+                payload,
+                properties: &properties,
+                headers: &mut headers,
+                state: &mut state,
+            };
+            self.publish(&mut msg);
+        }
+        let properties = match headers {
+            Some(h) => properties.with_headers(h),
+            None => properties,
+        };
+        (properties, state)
+    }
+
+    /// Runs the publish-result hooks.
+    pub fn end_publish(&self, state: &mut MessageState, result: &PublishResult<'_>) {
+        self.publish_result(state, result);
+    }
+
+    /// Runs the delivery hooks for a delivery from `queue` (`pull`: fetched
+    /// with `basic_get`) and returns its state, for
+    /// [`end_delivery`](Self::end_delivery).
+    pub fn start_delivery(&self, delivery: &Delivery, queue: &str, pull: bool) -> MessageState {
+        let mut state = MessageState::new(Direction::Received, Context::new(), self.agent.clone());
+        if pull {
+            state = state.pulled();
+        }
+        if !self.is_empty() {
+            let mut msg = IncomingMessage {
+                delivery,
+                queue,
+                state: &mut state,
+            };
+            self.delivery(&mut msg);
+        }
+        state
+    }
+
+    /// Runs the settle hooks.
+    pub fn end_delivery(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
+        self.settle(state, settlement);
     }
 
     pub(crate) fn publish(&self, msg: &mut OutgoingMessage<'_>) {

@@ -363,8 +363,7 @@ impl Interceptor for TraceContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::start_delivery;
-    use crate::interceptor::Chain;
+    use crate::interceptor::InterceptorChain;
     use lapin::BasicProperties;
     use lapin::message::Delivery;
     use opentelemetry::propagation::Injector;
@@ -372,12 +371,12 @@ mod tests {
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     fn deliver(tc: &TraceContext, headers: Option<FieldTable>, body: &[u8]) -> Context {
-        let chain = Chain::new(vec![Arc::new(tc.clone())], None);
+        let chain = InterceptorChain::new(vec![Arc::new(tc.clone())], None);
         let mut d = Delivery::mock(1, "".into(), "q".into(), false, body.to_vec());
         if let Some(h) = headers {
             d.properties = BasicProperties::default().with_headers(h);
         }
-        start_delivery(&chain, &d, "q", false).context().clone()
+        chain.start_delivery(&d, "q", false).context().clone()
     }
 
     fn one(key: &str, v: AMQPValue) -> Option<FieldTable> {
