@@ -1,0 +1,401 @@
+//! OTLP exporters driven by the background runtime, with export counting.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::{Context, InstrumentationScope};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::logs::{LogBatch, LogExporter, SdkLogRecord};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+use tokio::runtime::Handle;
+
+use crate::config::{OtlpProtocol, OtlpTarget};
+use crate::error::Error;
+
+/// Counters shared by every provider of one [`Telemetry`](crate::Telemetry).
+#[derive(Debug, Default)]
+pub(crate) struct ExportStats {
+    pub(crate) ended: AtomicU64,
+    pub(crate) exported: AtomicU64,
+    pub(crate) failed: AtomicU64,
+}
+
+/// Span counts of the exporting providers, for comparing spans started with spans
+/// exported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SpanStats {
+    /// Sampled spans that ended and were handed to a batch processor.
+    pub ended: u64,
+    /// Spans the collector accepted.
+    pub exported: u64,
+    /// Spans whose export failed (collector down, timeout, error answer).
+    pub failed: u64,
+}
+
+impl SpanStats {
+    /// Spans handed to a batch processor but neither exported nor failed: still
+    /// queued, or dropped because the queue was full.
+    pub fn pending_or_dropped(&self) -> u64 {
+        self.ended.saturating_sub(self.exported + self.failed)
+    }
+}
+
+impl ExportStats {
+    pub(crate) fn snapshot(&self) -> SpanStats {
+        SpanStats {
+            ended: self.ended.load(Ordering::Relaxed),
+            exported: self.exported.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Checks that an OTLP endpoint is a plain `http://host[:port][/path]` URL.
+pub(crate) fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = endpoint.split_once("://") else {
+        return Err("missing scheme: write it as http://HOST:PORT".to_owned());
+    };
+    if scheme.eq_ignore_ascii_case("https") {
+        return Err(
+            "https needs TLS, which this build does not include; send to a local collector over http://"
+                .to_owned(),
+        );
+    }
+    if !scheme.eq_ignore_ascii_case("http") {
+        return Err(format!("unsupported scheme {scheme:?}: use http://"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    if host_port.is_empty() {
+        return Err("missing host".to_owned());
+    }
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((host, tail)) => (host, tail.strip_prefix(':')),
+            None => return Err("unterminated IPv6 address".to_owned()),
+        }
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("missing or malformed host".to_owned());
+    }
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("invalid port {port:?}"));
+    }
+    Ok(())
+}
+
+/// Builds the OTLP span exporter for `target`, inside the background runtime's
+/// context (tonic spawns its connection task there).
+pub(crate) fn build_span_exporter(
+    target: &OtlpTarget,
+    timeout: Duration,
+    handle: &Handle,
+) -> Result<opentelemetry_otlp::SpanExporter, Error> {
+    validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
+        signal: "traces",
+        endpoint: target.endpoint.clone(),
+        reason,
+    })?;
+    let _runtime = handle.enter();
+    let built = match target.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(target.endpoint.clone())
+            .with_timeout(timeout)
+            .build(),
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(target.endpoint.clone())
+            .with_timeout(timeout)
+            .build(),
+    };
+    built.map_err(|error| exporter_error("traces", &target.endpoint, error))
+}
+
+/// Builds the OTLP log exporter for `target`.
+pub(crate) fn build_log_exporter(
+    target: &OtlpTarget,
+    timeout: Duration,
+    handle: &Handle,
+) -> Result<opentelemetry_otlp::LogExporter, Error> {
+    validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
+        signal: "logs",
+        endpoint: target.endpoint.clone(),
+        reason,
+    })?;
+    let _runtime = handle.enter();
+    let built = match target.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(target.endpoint.clone())
+            .with_timeout(timeout)
+            .build(),
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(target.endpoint.clone())
+            .with_timeout(timeout)
+            .build(),
+    };
+    built.map_err(|error| exporter_error("logs", &target.endpoint, error))
+}
+
+fn exporter_error(
+    signal: &'static str,
+    endpoint: &str,
+    error: opentelemetry_otlp::ExporterBuildError,
+) -> Error {
+    match error {
+        opentelemetry_otlp::ExporterBuildError::InvalidConfiguration(reason) => {
+            Error::InvalidEndpoint {
+                signal,
+                endpoint: endpoint.to_owned(),
+                reason,
+            }
+        }
+        other => Error::Exporter {
+            signal,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Outcome of a task run on the background runtime with a timeout.
+fn settle(
+    outcome: Result<Result<OTelSdkResult, tokio::time::error::Elapsed>, tokio::task::JoinError>,
+    timeout: Duration,
+) -> OTelSdkResult {
+    match outcome {
+        Ok(Ok(result)) => result,
+        Ok(Err(_elapsed)) => Err(OTelSdkError::Timeout(timeout)),
+        Err(error) => Err(OTelSdkError::InternalFailure(format!(
+            "export abandoned: {error}"
+        ))),
+    }
+}
+
+/// A span exporter that runs the wrapped OTLP exporter on the background runtime,
+/// bounds every export by a timeout, and counts exported and failed spans.
+#[derive(Debug)]
+pub(crate) struct RuntimeSpanExporter {
+    inner: Arc<opentelemetry_otlp::SpanExporter>,
+    handle: Handle,
+    timeout: Duration,
+    stats: Arc<ExportStats>,
+    closed: Arc<AtomicBool>,
+}
+
+impl RuntimeSpanExporter {
+    pub(crate) fn new(
+        inner: opentelemetry_otlp::SpanExporter,
+        handle: Handle,
+        timeout: Duration,
+        stats: Arc<ExportStats>,
+        closed: Arc<AtomicBool>,
+    ) -> RuntimeSpanExporter {
+        RuntimeSpanExporter {
+            inner: Arc::new(inner),
+            handle,
+            timeout,
+            stats,
+            closed,
+        }
+    }
+}
+
+impl SpanExporter for RuntimeSpanExporter {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let count = batch.len() as u64;
+        let stats = Arc::clone(&self.stats);
+        let timeout = self.timeout;
+        // Spawned now, so the batch never waits for the caller's executor.
+        let task = (!self.closed.load(Ordering::Acquire)).then(|| {
+            let inner = Arc::clone(&self.inner);
+            self.handle.spawn(async move {
+                // The OTLP exporter's own timeout bounds its retries; this one
+                // bounds everything else (a connection that never completes).
+                tokio::time::timeout(timeout, inner.export(batch)).await
+            })
+        });
+        async move {
+            let result = match task {
+                Some(task) => settle(task.await, timeout),
+                None => Err(OTelSdkError::AlreadyShutdown),
+            };
+            let counter = if result.is_ok() {
+                &stats.exported
+            } else {
+                &stats.failed
+            };
+            counter.fetch_add(count, Ordering::Relaxed);
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        // Called while the provider is built, before any export holds a clone.
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
+/// A log exporter that runs the wrapped OTLP exporter on the background runtime.
+#[derive(Debug)]
+pub(crate) struct RuntimeLogExporter {
+    inner: Arc<opentelemetry_otlp::LogExporter>,
+    handle: Handle,
+    timeout: Duration,
+    closed: Arc<AtomicBool>,
+}
+
+impl RuntimeLogExporter {
+    pub(crate) fn new(
+        inner: opentelemetry_otlp::LogExporter,
+        handle: Handle,
+        timeout: Duration,
+        closed: Arc<AtomicBool>,
+    ) -> RuntimeLogExporter {
+        RuntimeLogExporter {
+            inner: Arc::new(inner),
+            handle,
+            timeout,
+            closed,
+        }
+    }
+}
+
+impl LogExporter for RuntimeLogExporter {
+    fn export(&self, batch: LogBatch<'_>) -> impl Future<Output = OTelSdkResult> + Send {
+        let timeout = self.timeout;
+        let task = (!self.closed.load(Ordering::Acquire)).then(|| {
+            // The batch borrows the processor's buffer: copy it for the task.
+            let owned: Vec<(SdkLogRecord, InstrumentationScope)> = batch
+                .iter()
+                .map(|(record, scope)| (record.clone(), scope.clone()))
+                .collect();
+            let inner = Arc::clone(&self.inner);
+            self.handle.spawn(async move {
+                let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = owned
+                    .iter()
+                    .map(|(record, scope)| (record, scope))
+                    .collect();
+                tokio::time::timeout(timeout, inner.export(LogBatch::new(&refs))).await
+            })
+        });
+        async move {
+            match task {
+                Some(task) => settle(task.await, timeout),
+                None => Err(OTelSdkError::AlreadyShutdown),
+            }
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
+/// Wraps a span processor (the batch processor) to count the spans it receives.
+#[derive(Debug)]
+pub(crate) struct CountingProcessor<P> {
+    inner: P,
+    stats: Arc<ExportStats>,
+}
+
+impl<P> CountingProcessor<P> {
+    pub(crate) fn new(inner: P, stats: Arc<ExportStats>) -> CountingProcessor<P> {
+        CountingProcessor { inner, stats }
+    }
+}
+
+impl<P: SpanProcessor> SpanProcessor for CountingProcessor<P> {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        self.stats.ended.fetch_add(1, Ordering::Relaxed);
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        for good in [
+            "http://127.0.0.1:4317",
+            "http://localhost:4318/v1/traces",
+            "HTTP://collector",
+            "http://[::1]:4317",
+            "http://user@127.0.0.1:4318/",
+        ] {
+            assert_eq!(validate_endpoint(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "127.0.0.1:4317",
+            "https://collector:4317",
+            "ftp://x",
+            "http://",
+            "http://:4317",
+            "http://host:port",
+            "http://host:99999",
+            "http://[::1:4317",
+        ] {
+            assert!(validate_endpoint(bad).is_err(), "{bad}");
+        }
+        assert!(validate_endpoint("https://x").unwrap_err().contains("TLS"));
+    }
+
+    #[test]
+    fn stats() {
+        let stats = SpanStats {
+            ended: 10,
+            exported: 6,
+            failed: 1,
+        };
+        assert_eq!(stats.pending_or_dropped(), 3);
+    }
+}

@@ -1,0 +1,857 @@
+//! The AI_TEAM scenario over the MindBus protocol: an orchestrator hands a
+//! task to a writer, then to a critic, and announces the outcome; every
+//! message is traced and counted by mindbus-otel, without any telemetry code
+//! in the agents' message handling beyond wrapping the channel.
+//!
+//! ```text
+//! cargo run --example ai_team                      # all roles in one process, 3 tasks
+//! cargo run --example ai_team -- --tasks 5
+//! cargo run --example ai_team -- --role writer     # one long-lived role
+//! cargo run --example ai_team -- --role writer --max-messages 2
+//! ```
+//!
+//! Environment: `MINDBUS_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`),
+//! `MINDBUS_EXCHANGE` (default `mindbus.main`), the `OTEL_*` variables and
+//! `METRICS_ADDR` of `mindbus-telemetry`. With no OTLP endpoint, each task's
+//! trace is printed as a tree; with one, it also goes to the collector.
+//!
+//! The last task fails on purpose (the writer answers `DEADLINE_EXCEEDED`)
+//! so errors show up in traces and metrics too.
+
+use futures_util::StreamExt;
+use mindbus_otel::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use mindbus_otel::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use mindbus_otel::lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use mindbus_otel::opentelemetry::context::FutureExt as _;
+use mindbus_otel::opentelemetry::trace::{
+    Span as _, Status, TraceContextExt, Tracer, TracerProvider as _,
+};
+use mindbus_otel::opentelemetry::{Context, KeyValue};
+use mindbus_otel::{
+    AgentMetrics, MessagingSpans, TaskMetrics, TraceContext, TracedChannel, TracedDelivery,
+};
+use mindbus_telemetry::opentelemetry_sdk::trace::SdkTracerProvider;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, oneshot};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const DLX: &str = "mindbus.dlx";
+const DEAD_LETTERS: &str = "mindbus.dead-letters";
+const WRITER_QUEUE: &str = "agent.writer";
+const CRITIC_QUEUE: &str = "agent.critic";
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+struct Args {
+    tasks: u64,
+    role: Option<String>,
+    max_messages: Option<u64>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        tasks: 3,
+        role: None,
+        max_messages: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--tasks" => {
+                args.tasks = value("--tasks")?
+                    .parse()
+                    .map_err(|e| format!("--tasks: {e}"))?
+            }
+            "--role" => {
+                let r = value("--role")?;
+                if !["orchestrator", "writer", "critic"].contains(&r.as_str()) {
+                    return Err(format!(
+                        "--role must be orchestrator, writer or critic, not {r}"
+                    ));
+                }
+                args.role = Some(r);
+            }
+            "--max-messages" => {
+                args.max_messages = Some(
+                    value("--max-messages")?
+                        .parse()
+                        .map_err(|e| format!("--max-messages: {e}"))?,
+                )
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: ai_team [--tasks N] [--role orchestrator|writer|critic] [--max-messages N]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// A random UUID (v4 layout) for CloudEvents ids.
+fn new_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let s = RandomState::new();
+    let a = s.hash_one(N.fetch_add(1, Ordering::Relaxed));
+    let b = s.hash_one(a ^ 0x9e37_79b9_7f4a_7c15);
+    let v = (u128::from(a) << 64 | u128::from(b)) & !(0xf000u128 << 64) | (0x4000u128 << 64);
+    let v = v & !(0xc000u128 << 48) | (0x8000u128 << 48);
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn cloudevent(kind: &str, source: &str, id: &str, subject: &str, data: Value) -> Vec<u8> {
+    let ev = json!({
+        "specversion": "1.0",
+        "type": format!("ai.team.{kind}"),
+        "source": source,
+        "id": id,
+        "time": now_rfc3339(),
+        "datacontenttype": "application/json",
+        "subject": subject,
+        "data": data,
+    });
+    serde_json::to_vec(&ev).unwrap_or_default()
+}
+
+fn priority_for(kind: &str) -> u8 {
+    match kind {
+        "event" => 5,
+        "control" => 255,
+        _ => 20,
+    }
+}
+
+fn props(kind: &str, id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_priority(priority_for(kind))
+        .with_message_id(id.into())
+}
+
+/// Declares the MindBus topology; declaring twice is harmless.
+async fn declare_topology(ch: &TracedChannel, exchange: &str) -> Result<(), BoxError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        DLX.into(),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let q = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(DEAD_LETTERS.into(), q, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        DEAD_LETTERS.into(),
+        DLX.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(255));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(DLX)),
+    );
+    for (queue, key) in [
+        (WRITER_QUEUE, "cmd.writer.*"),
+        (CRITIC_QUEUE, "cmd.critic.*"),
+    ] {
+        ch.queue_declare(queue.into(), q, args.clone()).await?;
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A channel wrapped with the standard chain, its spans going to `provider`.
+async fn traced(
+    conn: &Connection,
+    agent: &str,
+    provider: &SdkTracerProvider,
+    task_metrics: Option<&TaskMetrics>,
+) -> Result<TracedChannel, BoxError> {
+    let mut b = TracedChannel::builder(conn.create_channel().await?)
+        .agent(agent)
+        .with(TraceContext::default())
+        .with(
+            MessagingSpans::default()
+                .with_tracer_provider(provider)
+                .server("127.0.0.1", 5672),
+        )
+        .with(AgentMetrics::default());
+    if let Some(tm) = task_metrics {
+        b = b.with(tm.clone());
+    }
+    Ok(b.build())
+}
+
+/// Simulated work: tens of milliseconds, so the demo finishes fast.
+async fn work(base_ms: u64, seed: &str) {
+    let jitter = RandomState::new().hash_one(seed) % 20;
+    tokio::time::sleep(Duration::from_millis(base_ms + jitter)).await;
+}
+
+/// A reply to a COMMAND: exchange "", routing key = its `reply_to`.
+async fn reply(
+    ch: &TracedChannel,
+    delivery: &mindbus_otel::lapin::message::Delivery,
+    body: Vec<u8>,
+    id: &str,
+) -> Result<(), BoxError> {
+    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+        return Ok(());
+    };
+    let mut p = props("result", id);
+    if let Some(c) = delivery.properties.correlation_id().clone() {
+        p = p.with_correlation_id(c);
+    }
+    ch.basic_publish(
+        "".into(),
+        reply_to,
+        BasicPublishOptions::default(),
+        &body,
+        p,
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+fn error_body(
+    source: &str,
+    subject: &str,
+    code: &str,
+    message: &str,
+    started: Instant,
+) -> (String, Vec<u8>) {
+    let id = new_id();
+    let body = cloudevent(
+        "error",
+        source,
+        &id,
+        subject,
+        json!({
+            "error": {"code": code, "message": message, "retryable": code != "INVALID_ARGUMENT"},
+            "execution_time_ms": started.elapsed().as_millis() as u64,
+        }),
+    );
+    (id, body)
+}
+
+/// The writer: answers `generate_article` COMMANDs.
+async fn writer_handler(
+    ch: TracedChannel,
+    provider: SdkTracerProvider,
+    delivery: mindbus_otel::lapin::message::Delivery,
+) -> Result<(), String> {
+    const ME: &str = "agent.writer.001";
+    let started = Instant::now();
+    let event: Option<Value> = serde_json::from_slice(&delivery.data).ok();
+    let action = event
+        .as_ref()
+        .and_then(|e| e["data"]["action"].as_str())
+        .map(str::to_owned);
+    let subject = event
+        .as_ref()
+        .and_then(|e| e["subject"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    let Some(action) = action.filter(|_| event.as_ref().is_some_and(|e| e["specversion"] == "1.0"))
+    else {
+        // Not JSON, not a CloudEvent, or no action: INVALID_ARGUMENT, and
+        // the COMMAND is dead-lettered.
+        let (id, body) = error_body(
+            ME,
+            &subject,
+            "INVALID_ARGUMENT",
+            "not a MindBus COMMAND",
+            started,
+        );
+        reply(&ch, &delivery, body, &id)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Err("unreadable COMMAND".to_owned());
+    };
+    let params = event
+        .as_ref()
+        .map(|e| e["data"]["params"].clone())
+        .unwrap_or(Value::Null);
+    let tracer = provider.tracer("ai_team.writer");
+
+    // The LLM call, as its own span with GenAI attributes.
+    let model = "gpt-4";
+    let (input_tokens, output_tokens) = (1200_i64, 2300_i64);
+    let mut llm = tracer.start("llm_call");
+    llm.set_attribute(KeyValue::new("gen_ai.system", "openai"));
+    llm.set_attribute(KeyValue::new("gen_ai.operation.name", "chat"));
+    llm.set_attribute(KeyValue::new("gen_ai.request.model", model));
+    let llm_started = Instant::now();
+    work(30, &subject).await;
+    let latency_ms = llm_started.elapsed().as_millis() as u64;
+    llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input_tokens));
+    llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output_tokens));
+
+    if let Some(code) = params["simulate_error"].as_str() {
+        llm.set_status(Status::error(format!("{code}: the LLM request timed out")));
+        llm.end();
+        let (id, body) = error_body(
+            ME,
+            &subject,
+            code,
+            "LLM request exceeded its timeout",
+            started,
+        );
+        reply(&ch, &delivery, body, &id)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The error was reported to the orchestrator: the COMMAND is done.
+        return Ok(());
+    }
+    llm.end();
+
+    let mut save = tracer.start("save_artifact");
+    work(5, &action).await;
+    save.end();
+
+    let topic = params["topic"].as_str().unwrap_or("AI");
+    let article = format!("An article about {topic}: ...");
+    let id = new_id();
+    let body = cloudevent(
+        "result",
+        ME,
+        &id,
+        &subject,
+        json!({
+            "status": "SUCCESS",
+            "output": {"article": article, "word_count": 2047},
+            "execution_time_ms": started.elapsed().as_millis() as u64,
+            "metrics": {"model": model, "tokens_used": input_tokens + output_tokens,
+                        "estimated_cost_usd": 0.105, "latency_ms": latency_ms},
+        }),
+    );
+    reply(&ch, &delivery, body, &id)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The critic: answers `review_article` COMMANDs with a quality score.
+async fn critic_handler(
+    ch: TracedChannel,
+    provider: SdkTracerProvider,
+    delivery: mindbus_otel::lapin::message::Delivery,
+) -> Result<(), String> {
+    const ME: &str = "agent.critic.001";
+    let started = Instant::now();
+    let event: Value = serde_json::from_slice(&delivery.data).map_err(|e| e.to_string())?;
+    let subject = event["subject"].as_str().unwrap_or("").to_owned();
+    let tracer = provider.tracer("ai_team.critic");
+    let mut llm = tracer.start("llm_call");
+    llm.set_attribute(KeyValue::new("gen_ai.system", "openai"));
+    llm.set_attribute(KeyValue::new("gen_ai.request.model", "gpt-4o-mini"));
+    work(15, &subject).await;
+    llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", 2400_i64));
+    llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", 200_i64));
+    llm.end();
+    let score = 6.0 + (RandomState::new().hash_one(&subject) % 40) as f64 / 10.0;
+    let id = new_id();
+    let body = cloudevent(
+        "result",
+        ME,
+        &id,
+        &subject,
+        json!({
+            "status": "SUCCESS",
+            "output": {"quality_score": score, "comments": ["clear structure"]},
+            "execution_time_ms": started.elapsed().as_millis() as u64,
+            "metrics": {"model": "gpt-4o-mini", "tokens_used": 2600, "estimated_cost_usd": 0.0012},
+        }),
+    );
+    reply(&ch, &delivery, body, &id)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Replies the orchestrator waits for, by correlation id.
+#[derive(Default)]
+struct Pending(Mutex<HashMap<String, oneshot::Sender<Value>>>);
+
+/// The orchestrator's reply consumer (stream style).
+async fn route_replies(mut consumer: mindbus_otel::TracedConsumer, pending: Arc<Pending>) {
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let delivery: TracedDelivery = delivery;
+        let corr = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string());
+        let body: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
+        let waiter = corr.and_then(|c| pending.0.lock().ok()?.remove(&c));
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        if let Some(w) = waiter {
+            let _ = w.send(body);
+        }
+    }
+}
+
+struct Orchestrator {
+    ch: TracedChannel,
+    exchange: String,
+    reply_to: ShortString,
+    pending: Arc<Pending>,
+    provider: SdkTracerProvider,
+}
+
+impl Orchestrator {
+    /// Sends a COMMAND and waits for its RESULT or ERROR.
+    async fn call(
+        &self,
+        role: &str,
+        action: &str,
+        subject: &str,
+        params: Value,
+    ) -> Result<Value, BoxError> {
+        let id = new_id();
+        let body = cloudevent(
+            "command",
+            "orchestrator-core",
+            &id,
+            subject,
+            json!({"action": action, "params": params, "timeout_seconds": 300,
+                   "context": {"process_id": "blog-001", "step": action}}),
+        );
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.pending.0.lock() {
+            p.insert(id.clone(), tx);
+        }
+        let p = props("command", &id)
+            .with_reply_to(self.reply_to.clone())
+            .with_correlation_id(id.as_str().into())
+            .with_expiration("300000".into());
+        let key = format!("cmd.{role}.any");
+        self.ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                &body,
+                p,
+            )
+            .await?
+            .await?;
+        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            _ => {
+                if let Ok(mut p) = self.pending.0.lock() {
+                    p.remove(&id);
+                }
+                Err(format!("no reply from {role} to {action} within {REPLY_TIMEOUT:?}").into())
+            }
+        }
+    }
+
+    async fn event(&self, name: &str, subject: &str, data: Value) -> Result<(), BoxError> {
+        let id = new_id();
+        let body = cloudevent(
+            "event",
+            "orchestrator-core",
+            &id,
+            subject,
+            json!({
+            "event_type": name, "event_data": data, "severity": "INFO", "tags": ["task"]}),
+        );
+        self.ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                format!("evt.{name}").into(),
+                BasicPublishOptions::default(),
+                &body,
+                props("event", &id),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// One task: writer, then critic, then the announcement.
+    async fn execute_task(&self, n: u64, fail: bool) -> Result<f64, BoxError> {
+        let subject = format!("task-article-{n}");
+        let tracer = self.provider.tracer("ai_team.orchestrator");
+        let mut span = tracer.start("execute_task");
+        span.set_attribute(KeyValue::new("mindbus.task.subject", subject.clone()));
+        let cx = Context::current_with_span(span);
+        let outcome: Result<f64, BoxError> = async {
+            let mut params = json!({"topic": "AI trends", "length": 2000});
+            if fail {
+                params["simulate_error"] = json!("DEADLINE_EXCEEDED");
+            }
+            let article = self
+                .call("writer", "generate_article", &subject, params)
+                .await?;
+            if article["type"] != "ai.team.result" {
+                let code = article["data"]["error"]["code"]
+                    .as_str()
+                    .unwrap_or("UNKNOWN")
+                    .to_owned();
+                return Err(format!("writer failed: {code}").into());
+            }
+            let review = self
+                .call(
+                    "critic",
+                    "review_article",
+                    &subject,
+                    json!({"article": article["data"]["output"]["article"]}),
+                )
+                .await?;
+            let score = review["data"]["output"]["quality_score"]
+                .as_f64()
+                .unwrap_or(0.0);
+            self.event(
+                "task.completed",
+                &subject,
+                json!({"task_id": subject, "quality_score": score}),
+            )
+            .await?;
+            Ok(score)
+        }
+        .with_context(cx.clone())
+        .await;
+        if let Err(e) = &outcome {
+            let _ = self
+                .event(
+                    "task.failed",
+                    &subject,
+                    json!({"task_id": subject, "reason": e.to_string()}),
+                )
+                .with_context(cx.clone())
+                .await;
+            cx.span().set_status(Status::error(e.to_string()));
+        }
+        cx.span().end();
+        outcome
+    }
+}
+
+async fn connect() -> Result<Connection, BoxError> {
+    let url = std::env::var("MINDBUS_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    Ok(Connection::connect(&url, ConnectionProperties::default()).await?)
+}
+
+/// Counts handled messages and signals when `max` is reached.
+#[derive(Clone)]
+struct Budget {
+    max: Option<u64>,
+    seen: Arc<AtomicU64>,
+    done: Arc<Notify>,
+}
+
+impl Budget {
+    fn new(max: Option<u64>) -> Self {
+        Budget {
+            max,
+            seen: Arc::default(),
+            done: Arc::new(Notify::new()),
+        }
+    }
+    fn tick(&self) {
+        let n = self.seen.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.max.is_some_and(|m| n >= m) {
+            self.done.notify_one();
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn start_agent(
+    conn: &Connection,
+    role: &str,
+    provider: &SdkTracerProvider,
+    budget: Budget,
+) -> Result<mindbus_otel::ConsumerHandle, BoxError> {
+    let (agent, queue) = match role {
+        "writer" => ("agent.writer.001", WRITER_QUEUE),
+        _ => ("agent.critic.001", CRITIC_QUEUE),
+    };
+    let ch = traced(conn, agent, provider, None).await?;
+    ch.basic_qos(1, BasicQosOptions::default()).await?;
+    let (c, p, r) = (ch.clone(), provider.clone(), role.to_owned());
+    let handle = ch
+        .consume_with(
+            queue.into(),
+            agent.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+            move |d| {
+                let (c, p, r, budget) = (c.clone(), p.clone(), r.clone(), budget.clone());
+                async move {
+                    let res = if r == "writer" {
+                        writer_handler(c, p, d).await
+                    } else {
+                        critic_handler(c, p, d).await
+                    };
+                    budget.tick();
+                    res
+                }
+            },
+        )
+        .await?;
+    Ok(handle)
+}
+
+async fn start_orchestrator(
+    conn: &Connection,
+    exchange: &str,
+    provider: &SdkTracerProvider,
+) -> Result<Orchestrator, BoxError> {
+    let ch = traced(
+        conn,
+        "orchestrator-core",
+        provider,
+        Some(&TaskMetrics::default()),
+    )
+    .await?;
+    // A private, server-named reply queue (`amq.gen-*`).
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let reply_to = q.name().clone();
+    let consumer = ch
+        .basic_consume(
+            reply_to.clone(),
+            "orchestrator".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let pending = Arc::new(Pending::default());
+    tokio::spawn(route_replies(consumer, pending.clone()));
+    Ok(Orchestrator {
+        ch,
+        exchange: exchange.to_owned(),
+        reply_to,
+        pending,
+        provider: provider.clone(),
+    })
+}
+
+fn print_metrics_summary(exposition: &str) {
+    const SHOWN: [&str; 8] = [
+        "ai_team_tasks_total",
+        "ai_team_tasks_in_progress",
+        "ai_team_llm_calls_total",
+        "ai_team_llm_tokens_total",
+        "ai_team_llm_cost_dollars_total",
+        "ai_team_agent_errors_total",
+        "ai_team_quality_score_count",
+        "mindbus_messages_total",
+    ];
+    println!("\nmetrics summary (Prometheus exposition, selected series):");
+    for line in exposition.lines() {
+        if !line.starts_with('#') && SHOWN.iter().any(|m| line.starts_with(m)) {
+            println!("  {line}");
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ai_team: {e}");
+            std::process::exit(2);
+        }
+    };
+    let exchange = std::env::var("MINDBUS_EXCHANGE").unwrap_or_else(|_| "mindbus.main".to_owned());
+    let service = args.role.clone().unwrap_or_else(|| "ai_team".to_owned());
+    // Each task's trace tree is captured and printed after the task (also
+    // when spans go to a collector); MINDBUS_TRACE_VIEW=off turns it off.
+    let mut config = mindbus_telemetry::Config::from_env().default_service_name(&service);
+    if std::env::var("MINDBUS_TRACE_VIEW").is_err() {
+        config = config.trace_view(mindbus_telemetry::TraceViewMode::On);
+    }
+    let telemetry = mindbus_telemetry::init(
+        config.trace_view_output(mindbus_telemetry::TraceViewOutput::Capture),
+    )?;
+    let conn = connect().await?;
+    let setup = TracedChannel::builder(conn.create_channel().await?).build();
+    declare_topology(&setup, &exchange).await?;
+
+    match args.role.as_deref() {
+        None => {
+            // All roles in one process, each with its own channel and
+            // service.name.
+            let orch_p = telemetry.tracer_provider_for("orchestrator");
+            let writer_p = telemetry.tracer_provider_for("writer");
+            let critic_p = telemetry.tracer_provider_for("critic");
+            let writer = start_agent(&conn, "writer", &writer_p, Budget::new(None)).await?;
+            let critic = start_agent(&conn, "critic", &critic_p, Budget::new(None)).await?;
+            let orch = start_orchestrator(&conn, &exchange, &orch_p).await?;
+            let mut failures = 0;
+            for n in 1..=args.tasks {
+                let fail = n == args.tasks;
+                match orch.execute_task(n, fail).await {
+                    Ok(score) => println!("task {n}: completed, quality score {score:.1}"),
+                    Err(e) if fail => println!("task {n}: failed as planned ({e})"),
+                    Err(e) => {
+                        failures += 1;
+                        println!("task {n}: FAILED ({e})");
+                    }
+                }
+                for tree in telemetry.take_rendered_traces() {
+                    println!("{tree}");
+                }
+            }
+            writer.cancel().await?;
+            critic.cancel().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for tree in telemetry.take_rendered_traces() {
+                println!("{tree}");
+            }
+            if let Some(text) = telemetry.prometheus_render() {
+                print_metrics_summary(&text);
+            }
+            if let Some(addr) = telemetry.metrics_addr() {
+                println!("\nmetrics were served on http://{addr}/metrics");
+            }
+            conn.close(200, "done".into()).await.ok();
+            if failures > 0 {
+                return Err(format!("{failures} task(s) failed unexpectedly").into());
+            }
+        }
+        Some("orchestrator") => {
+            // One task a second until stopped (or --max-messages tasks).
+            let p = telemetry.tracer_provider_for("orchestrator");
+            let orch = start_orchestrator(&conn, &exchange, &p).await?;
+            let mut n = 0;
+            while args.max_messages.is_none_or(|m| n < m) {
+                n += 1;
+                let res = tokio::select! {
+                    r = orch.execute_task(n, n % 5 == 0) => r,
+                    _ = shutdown_signal() => break,
+                };
+                match res {
+                    Ok(score) => println!("task {n}: completed, quality score {score:.1}"),
+                    Err(e) => println!("task {n}: failed ({e})"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown_signal() => break,
+                }
+            }
+            conn.close(200, "done".into()).await.ok();
+        }
+        Some(role) => {
+            let p = telemetry.tracer_provider_for(role);
+            let budget = Budget::new(args.max_messages);
+            let handle = start_agent(&conn, role, &p, budget.clone()).await?;
+            println!("{role}: consuming; Ctrl-C to stop");
+            tokio::select! {
+                _ = budget.done.notified() => {}
+                _ = shutdown_signal() => {}
+            }
+            // Graceful: the message in hand is finished and settled first.
+            handle.cancel().await?;
+            println!(
+                "{role}: handled {} message(s)",
+                budget.seen.load(Ordering::SeqCst)
+            );
+            conn.close(200, "done".into()).await.ok();
+        }
+    }
+    drop(telemetry); // flushes and shuts down within its timeout
+    Ok(())
+}
