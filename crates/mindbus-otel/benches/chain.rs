@@ -8,16 +8,16 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use mindbus_otel::lapin::BasicProperties;
 use mindbus_otel::lapin::message::Delivery;
 use mindbus_otel::lapin::options::BasicPublishOptions;
 use mindbus_otel::lapin::types::{AMQPValue, FieldTable, LongString};
-use mindbus_otel::lapin::BasicProperties;
 use mindbus_otel::{
     AgentMetrics, Interceptor, InterceptorChain, MessagingSpans, Outcome, PublishResult,
     Settlement, TaskMetrics, TraceContext,
 };
-use opentelemetry::trace::{TraceContextExt, Tracer, TracerProvider as _};
 use opentelemetry::Context;
+use opentelemetry::trace::{TraceContextExt, Tracer, TracerProvider as _};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use std::hint::black_box;
@@ -35,7 +35,11 @@ impl SpanExporter for Discard {
 
 fn provider(sampled: bool) -> SdkTracerProvider {
     SdkTracerProvider::builder()
-        .with_sampler(if sampled { Sampler::AlwaysOn } else { Sampler::AlwaysOff })
+        .with_sampler(if sampled {
+            Sampler::AlwaysOn
+        } else {
+            Sampler::AlwaysOff
+        })
         .with_batch_exporter(Discard)
         .build()
 }
@@ -57,7 +61,10 @@ fn command_props() -> BasicProperties {
         .with_message_id("5b0f6c1e-7c35-4c1d-9f0e-3f1d2b6a9a01".into())
 }
 
-fn chains(sampled: &SdkTracerProvider, unsampled: &SdkTracerProvider) -> Vec<(&'static str, InterceptorChain)> {
+fn chains(
+    sampled: &SdkTracerProvider,
+    unsampled: &SdkTracerProvider,
+) -> Vec<(&'static str, InterceptorChain)> {
     let agent: Option<Arc<str>> = Some(Arc::from("orchestrator-core"));
     let chain = |list: Vec<Arc<dyn Interceptor>>| InterceptorChain::new(list, agent.clone());
     let spans = |p: &SdkTracerProvider| -> Arc<dyn Interceptor> {
@@ -65,10 +72,19 @@ fn chains(sampled: &SdkTracerProvider, unsampled: &SdkTracerProvider) -> Vec<(&'
     };
     vec![
         ("empty", chain(vec![])),
-        ("trace_context", chain(vec![Arc::new(TraceContext::default())])),
+        (
+            "trace_context",
+            chain(vec![Arc::new(TraceContext::default())]),
+        ),
         ("spans_sampled", chain(vec![spans(sampled)])),
-        ("agent_metrics", chain(vec![Arc::new(AgentMetrics::default())])),
-        ("task_metrics", chain(vec![Arc::new(TaskMetrics::default())])),
+        (
+            "agent_metrics",
+            chain(vec![Arc::new(AgentMetrics::default())]),
+        ),
+        (
+            "task_metrics",
+            chain(vec![Arc::new(TaskMetrics::default())]),
+        ),
         (
             "full_sampled",
             chain(vec![
@@ -133,7 +149,13 @@ fn bench(c: &mut Criterion) {
     let props = command_props().with_headers(headers);
     let mut consume = c.benchmark_group("consume");
     for (body_name, body) in &bodies {
-        let mut delivery = Delivery::mock(1, "mindbus.main".into(), "cmd.writer.any".into(), false, body.clone());
+        let mut delivery = Delivery::mock(
+            1,
+            "mindbus.main".into(),
+            "cmd.writer.any".into(),
+            false,
+            body.clone(),
+        );
         delivery.properties = props.clone();
         for (name, chain) in &chains {
             consume.bench_function(BenchmarkId::new(*name, body_name), |b| {

@@ -3,7 +3,7 @@
 
 use crate::confirm::PublisherConfirm;
 use crate::delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
-use crate::interceptor::{InterceptorChain, Interceptor};
+use crate::interceptor::{Interceptor, InterceptorChain};
 use crate::message::{MessageState, PublishResult};
 use crate::propagation::TraceContext;
 use crate::spans::MessagingSpans;

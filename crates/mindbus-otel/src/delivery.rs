@@ -205,7 +205,12 @@ pub struct TracedConsumer {
 }
 
 impl TracedConsumer {
-    pub(crate) fn new(inner: Consumer, chain: Arc<InterceptorChain>, queue: Arc<str>, no_ack: bool) -> Self {
+    pub(crate) fn new(
+        inner: Consumer,
+        chain: Arc<InterceptorChain>,
+        queue: Arc<str>,
+        no_ack: bool,
+    ) -> Self {
         TracedConsumer {
             inner,
             chain,
