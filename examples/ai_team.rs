@@ -44,10 +44,26 @@ use tokio::sync::{Notify, oneshot};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const DLX: &str = "mindbus.dlx";
-const DEAD_LETTERS: &str = "mindbus.dead-letters";
-const WRITER_QUEUE: &str = "agent.writer";
-const CRITIC_QUEUE: &str = "agent.critic";
+/// Queue and dead-letter names; `MINDBUS_QUEUE_PREFIX` prefixes them (for
+/// side-by-side runs and tests).
+struct Names {
+    dlx: String,
+    dead_letters: String,
+    writer: String,
+    critic: String,
+}
+
+impl Names {
+    fn from_env() -> Names {
+        let p = std::env::var("MINDBUS_QUEUE_PREFIX").unwrap_or_default();
+        Names {
+            dlx: format!("{p}mindbus.dlx"),
+            dead_letters: format!("{p}mindbus.dead-letters"),
+            writer: format!("{p}agent.writer"),
+            critic: format!("{p}agent.critic"),
+        }
+    }
+}
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug)]
@@ -55,6 +71,7 @@ struct Args {
     tasks: u64,
     role: Option<String>,
     max_messages: Option<u64>,
+    linger: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
         tasks: 3,
         role: None,
         max_messages: None,
+        linger: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -88,9 +106,16 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("--max-messages: {e}"))?,
                 )
             }
+            "--linger" => {
+                let secs: u64 = value("--linger")?
+                    .parse()
+                    .map_err(|e| format!("--linger: {e}"))?;
+                args.linger = Duration::from_secs(secs);
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: ai_team [--tasks N] [--role orchestrator|writer|critic] [--max-messages N]"
+                    "usage: ai_team [--tasks N] [--role orchestrator|writer|critic] [--max-messages N] [--linger SECS]\n\
+                     --linger SECS: keep serving /metrics that long after the tasks, so a scraper sees the final values"
                 );
                 std::process::exit(0);
             }
@@ -174,7 +199,11 @@ fn props(kind: &str, id: &str) -> BasicProperties {
 }
 
 /// Declares the MindBus topology; declaring twice is harmless.
-async fn declare_topology(ch: &TracedChannel, exchange: &str) -> Result<(), BoxError> {
+async fn declare_topology(
+    ch: &TracedChannel,
+    exchange: &str,
+    names: &Names,
+) -> Result<(), BoxError> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -187,7 +216,7 @@ async fn declare_topology(ch: &TracedChannel, exchange: &str) -> Result<(), BoxE
     )
     .await?;
     ch.exchange_declare(
-        DLX.into(),
+        names.dlx.as_str().into(),
         ExchangeKind::Fanout,
         durable,
         FieldTable::default(),
@@ -197,11 +226,11 @@ async fn declare_topology(ch: &TracedChannel, exchange: &str) -> Result<(), BoxE
         durable: true,
         ..Default::default()
     };
-    ch.queue_declare(DEAD_LETTERS.into(), q, FieldTable::default())
+    ch.queue_declare(names.dead_letters.as_str().into(), q, FieldTable::default())
         .await?;
     ch.queue_bind(
-        DEAD_LETTERS.into(),
-        DLX.into(),
+        names.dead_letters.as_str().into(),
+        names.dlx.as_str().into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
@@ -211,11 +240,11 @@ async fn declare_topology(ch: &TracedChannel, exchange: &str) -> Result<(), BoxE
     args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(255));
     args.insert(
         "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(DLX)),
+        AMQPValue::LongString(LongString::from(names.dlx.as_str())),
     );
     for (queue, key) in [
-        (WRITER_QUEUE, "cmd.writer.*"),
-        (CRITIC_QUEUE, "cmd.critic.*"),
+        (names.writer.as_str(), "cmd.writer.*"),
+        (names.critic.as_str(), "cmd.critic.*"),
     ] {
         ch.queue_declare(queue.into(), q, args.clone()).await?;
         ch.queue_bind(
@@ -650,12 +679,13 @@ async fn shutdown_signal() {
 async fn start_agent(
     conn: &Connection,
     role: &str,
+    names: &Names,
     provider: &SdkTracerProvider,
     budget: Budget,
 ) -> Result<mindbus_otel::ConsumerHandle, BoxError> {
     let (agent, queue) = match role {
-        "writer" => ("agent.writer.001", WRITER_QUEUE),
-        _ => ("agent.critic.001", CRITIC_QUEUE),
+        "writer" => ("agent.writer.001", names.writer.as_str()),
+        _ => ("agent.critic.001", names.critic.as_str()),
     };
     let ch = traced(conn, agent, provider, None).await?;
     ch.basic_qos(1, BasicQosOptions::default()).await?;
@@ -767,8 +797,9 @@ async fn main() -> Result<(), BoxError> {
         config.trace_view_output(mindbus_telemetry::TraceViewOutput::Capture),
     )?;
     let conn = connect().await?;
+    let names = Names::from_env();
     let setup = TracedChannel::builder(conn.create_channel().await?).build();
-    declare_topology(&setup, &exchange).await?;
+    declare_topology(&setup, &exchange, &names).await?;
 
     match args.role.as_deref() {
         None => {
@@ -777,8 +808,8 @@ async fn main() -> Result<(), BoxError> {
             let orch_p = telemetry.tracer_provider_for("orchestrator");
             let writer_p = telemetry.tracer_provider_for("writer");
             let critic_p = telemetry.tracer_provider_for("critic");
-            let writer = start_agent(&conn, "writer", &writer_p, Budget::new(None)).await?;
-            let critic = start_agent(&conn, "critic", &critic_p, Budget::new(None)).await?;
+            let writer = start_agent(&conn, "writer", &names, &writer_p, Budget::new(None)).await?;
+            let critic = start_agent(&conn, "critic", &names, &critic_p, Budget::new(None)).await?;
             let orch = start_orchestrator(&conn, &exchange, &orch_p).await?;
             let mut failures = 0;
             for n in 1..=args.tasks {
@@ -805,7 +836,17 @@ async fn main() -> Result<(), BoxError> {
                 print_metrics_summary(&text);
             }
             if let Some(addr) = telemetry.metrics_addr() {
-                println!("\nmetrics were served on http://{addr}/metrics");
+                println!("\nmetrics are served on http://{addr}/metrics");
+            }
+            if !args.linger.is_zero() {
+                println!(
+                    "lingering {}s so the final metrics can be scraped",
+                    args.linger.as_secs()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(args.linger) => {}
+                    _ = shutdown_signal() => {}
+                }
             }
             conn.close(200, "done".into()).await.ok();
             if failures > 0 {
@@ -837,7 +878,7 @@ async fn main() -> Result<(), BoxError> {
         Some(role) => {
             let p = telemetry.tracer_provider_for(role);
             let budget = Budget::new(args.max_messages);
-            let handle = start_agent(&conn, role, &p, budget.clone()).await?;
+            let handle = start_agent(&conn, role, &names, &p, budget.clone()).await?;
             println!("{role}: consuming; Ctrl-C to stop");
             tokio::select! {
                 _ = budget.done.notified() => {}

@@ -136,6 +136,25 @@ fn describe() {
         Unit::Count,
         "Deliveries received and not yet settled"
     );
+    // Telemetry health: registered at zero so dashboards and alerts see the
+    // series before the first problem.
+    metrics::describe_counter!(
+        "mindbus_otel_rejected_contexts_total",
+        Unit::Count,
+        "Inbound trace-context values rejected, by reason (the message was delivered normally)"
+    );
+    for reason in crate::RejectReason::ALL {
+        metrics::counter!("mindbus_otel_rejected_contexts_total", "reason" => reason.as_str())
+            .increment(0);
+    }
+    metrics::describe_counter!(
+        "mindbus_otel_label_overflow_total",
+        Unit::Count,
+        "Label values folded into `other` past the cardinality cap, by label"
+    );
+    for label in ["agent", "messaging_destination_name", "error_type"] {
+        metrics::counter!("mindbus_otel_label_overflow_total", "label" => label).increment(0);
+    }
 }
 
 impl AgentMetrics {

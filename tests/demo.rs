@@ -1,0 +1,331 @@
+//! The AI_TEAM demo as a user runs it: the real example binary, against the
+//! real broker, exporting by OTLP into the testkit receiver.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+#[path = "common/dashboards.rs"]
+mod dashboards;
+
+use common::*;
+use futures_util::StreamExt;
+use mindbus_otel::lapin::BasicProperties;
+use mindbus_otel::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use mindbus_otel::lapin::types::FieldTable;
+use mindbus_otel_testkit::{OtlpReceiver, StatusCode};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// `target/<profile>/examples/ai_team`, built by `cargo test` (which builds
+/// the examples) next to this test's own binary.
+fn demo_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bin = profile_dir.join("examples").join("ai_team");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --example ai_team` (plain `cargo test` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// Metric series names in a Prometheus exposition.
+fn exposed_names(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
+        .collect()
+}
+
+/// Environment isolating one demo run: its own exchange and queues.
+fn isolated(cmd: &mut Command, prefix: &str, exchange: &str) {
+    cmd.env("MINDBUS_URL", url())
+        .env("MINDBUS_EXCHANGE", exchange)
+        .env("MINDBUS_QUEUE_PREFIX", prefix)
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+}
+
+async fn cleanup(prefix: &str, exchange: &str) {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in ["agent.writer", "agent.critic", "mindbus.dead-letters"] {
+        delete_queue(&ch, &format!("{prefix}{q}")).await;
+    }
+    delete_exchange(&ch, exchange).await;
+    delete_exchange(&ch, &format!("{prefix}mindbus.dlx")).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics() {
+    let rx = OtlpReceiver::start().await.unwrap();
+    let prefix = format!("{}.", unique("demo"));
+    let exchange = unique("demo.bus");
+    let port = free_port();
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--tasks", "3", "--linger", "3"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("METRICS_ADDR", format!("127.0.0.1:{port}"));
+    isolated(&mut cmd, &prefix, &exchange);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdout = String::new();
+    let mut scrape = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("metrics are served on") {
+                // The tasks are done and the process lingers: scrape now.
+                scrape = Some(http_get(port, "/metrics").await);
+            }
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .expect("demo finished in time");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "demo exit status {status}\n{stdout}");
+
+    // Its stdout: each task's tree, the failure, the metrics summary.
+    assert_eq!(
+        stdout.matches("execute_task (orchestrator)").count(),
+        3,
+        "{stdout}"
+    );
+    assert!(stdout.contains("task 1: completed"), "{stdout}");
+    assert!(stdout.contains("task 3: failed as planned"), "{stdout}");
+    assert!(stdout.contains("      llm_call (writer)"), "{stdout}");
+    assert!(
+        stdout.contains("ai_team_tasks_total{status=\"failed\"} 1"),
+        "{stdout}"
+    );
+
+    // OTLP: one trace per task.
+    let spans = rx
+        .wait_until(Duration::from_secs(15), |s| {
+            s.find_all("execute_task").len() == 3 && s.trace_ids().len() == 3 && s.len() >= 3 * 8
+        })
+        .await;
+    let roots = spans.find_all("execute_task");
+    assert_eq!(roots.len(), 3, "{}", spans.render_all());
+    assert_eq!(
+        spans.trace_ids().len(),
+        3,
+        "one trace per task:\n{}",
+        spans.render_all()
+    );
+    let mut failed = 0;
+    for root in roots {
+        let trace = spans.trace(root.trace_id);
+        let services: BTreeSet<String> = trace
+            .iter()
+            .filter_map(|s| s.service_name.clone())
+            .collect();
+        if root.status.code == StatusCode::Error {
+            failed += 1;
+            assert_eq!(
+                services,
+                ["orchestrator", "writer"].map(String::from).into(),
+                "{}",
+                trace.render_all()
+            );
+            let err = trace.one_where(
+                |s| {
+                    s.attr_str("error.type") == Some("DEADLINE_EXCEEDED")
+                        && s.service_name.as_deref() == Some("writer")
+                },
+                "the writer's ERROR reply",
+            );
+            assert_eq!(err.status.code, StatusCode::Error);
+        } else {
+            assert_eq!(
+                services,
+                ["critic", "orchestrator", "writer"]
+                    .map(String::from)
+                    .into(),
+                "{}",
+                trace.render_all()
+            );
+        }
+    }
+    assert_eq!(failed, 1);
+
+    // Dashboards reference only what the demo exposes.
+    let exposition = scrape.expect("scraped /metrics while the demo lingered");
+    let exposed = exposed_names(&exposition);
+    assert!(exposed.contains("ai_team_tasks_total"), "{exposition}");
+    let wanted = dashboards::metric_names_in_dashboards();
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exposed.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "dashboards use metrics the demo does not expose: {missing:?}\nexposed: {exposed:?}"
+    );
+    cleanup(&prefix, &exchange).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_role_answers_two_commands_including_a_python_style_one() {
+    let rx = OtlpReceiver::start().await.unwrap();
+    let prefix = format!("{}.", unique("role"));
+    let exchange = unique("role.bus");
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--role", "writer", "--max-messages", "2"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    let mut child = cmd.spawn().unwrap();
+
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    // Wait until the writer consumes its queue.
+    let writer_q = format!("{prefix}agent.writer");
+    let mut ready = false;
+    for _ in 0..300 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let probe = conn.create_channel().await.unwrap();
+        if let Ok(q) = probe
+            .queue_declare(writer_q.as_str().into(), passive, FieldTable::default())
+            .await
+            && q.consumer_count() > 0
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the writer never started consuming");
+    let replies = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let header_sc = span_context();
+    let body_sc = span_context();
+    for (i, sc) in [(1, &header_sc), (2, &body_sc)] {
+        let mut ev = json!({
+            "specversion": "1.0", "type": "ai.team.command", "source": "test-orchestrator",
+            "id": format!("cmd-{i}"), "subject": format!("task-{i}"),
+            "data": {"action": "generate_article", "params": {"topic": "tests"}},
+        });
+        let tp = format!("00-{}-{}-01", sc.trace_id(), sc.span_id());
+        let mut props = BasicProperties::default()
+            .with_reply_to(replies.name().clone())
+            .with_correlation_id(format!("cmd-{i}").into())
+            .with_content_type("application/json".into());
+        if i == 1 {
+            let mut h = FieldTable::default();
+            h.insert("traceparent".into(), long(tp));
+            props = props.with_headers(h);
+        } else {
+            // As existing Python agents send it: only in the CloudEvent.
+            ev["traceparent"] = json!(tp);
+        }
+        ch.basic_publish(
+            exchange.as_str().into(),
+            "cmd.writer.any".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&ev).unwrap(),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let mut consumer = ch
+        .basic_consume(
+            replies.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut answered = BTreeSet::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("a reply")
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(v["type"], "ai.team.result", "{v}");
+        assert_eq!(v["source"], "agent.writer.001");
+        answered.insert(d.properties.correlation_id().clone().unwrap().to_string());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(answered, ["cmd-1", "cmd-2"].map(String::from).into());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the writer exits after 2 messages")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let spans = rx
+        .wait_until(Duration::from_secs(10), |s| {
+            s.by_kind(opentelemetry::trace::SpanKind::Consumer).len() >= 2
+        })
+        .await;
+    for sc in [&header_sc, &body_sc] {
+        let process = spans.one_where(
+            |s| s.kind == opentelemetry::trace::SpanKind::Consumer && s.trace_id == sc.trace_id(),
+            "the writer's CONSUMER span in the producer's trace",
+        );
+        assert_eq!(process.parent_span_id, Some(sc.span_id()));
+        assert_eq!(process.service_name.as_deref(), Some("writer"));
+    }
+    conn.close(200, "bye".into()).await.ok();
+    cleanup(&prefix, &exchange).await;
+}
