@@ -5,9 +5,9 @@
 //! Spans go through a real SDK provider with the stock batch processor and
 //! an exporter that discards (AlwaysOn for "sampled", AlwaysOff for
 //! "unsampled"); metrics go to a real Prometheus recorder.
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use mindbus_otel::lapin::BasicProperties;
 use mindbus_otel::lapin::message::Delivery;
 use mindbus_otel::lapin::options::BasicPublishOptions;
@@ -174,4 +174,77 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `MINDBUS_PROFILE=publish|consume/<chain>/<body> [MINDBUS_PROFILE_N=100000]`
+/// runs one case in a plain loop, for `valgrind --tool=callgrind` (whose
+/// instruction counts do not depend on what else the machine is doing).
+fn profile(case: &str) {
+    let n: usize = std::env::var("MINDBUS_PROFILE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let parts: Vec<&str> = case.split('/').collect();
+    let [side, chain_name, body_name] = parts[..] else {
+        panic!("MINDBUS_PROFILE=side/chain/body, e.g. consume/full_sampled/cloudevent");
+    };
+    let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    let sampled = provider(true);
+    let unsampled = provider(false);
+    let chains = chains(&sampled, &unsampled);
+    let (_, chain) = chains
+        .iter()
+        .find(|(n, _)| *n == chain_name)
+        .expect("chain name");
+    let body = if body_name == "cloudevent" {
+        COMMAND.to_vec()
+    } else {
+        non_json()
+    };
+    if side == "publish" {
+        let task = sampled.tracer("bench").start("execute_task");
+        let _guard = Context::new().with_span(task).attach();
+        for _ in 0..n {
+            let (props, mut state) = chain.start_publish(
+                "mindbus.main",
+                "cmd.writer.any",
+                BasicPublishOptions::default(),
+                &body,
+                command_props(),
+            );
+            chain.end_publish(&mut state, &PublishResult::Sent);
+            black_box(props);
+        }
+    } else {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(LongString::from(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )),
+        );
+        let mut delivery = Delivery::mock(
+            1,
+            "mindbus.main".into(),
+            "cmd.writer.any".into(),
+            false,
+            body,
+        );
+        delivery.properties = command_props().with_headers(headers);
+        for _ in 0..n {
+            let mut state = chain.start_delivery(&delivery, "agent.writer", false);
+            chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            black_box(state);
+        }
+    }
+    let _ = sampled.shutdown();
+    let _ = unsampled.shutdown();
+}
+
+fn main() {
+    if let Ok(case) = std::env::var("MINDBUS_PROFILE") {
+        profile(&case);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -63,6 +63,8 @@ struct Meta {
     kind: MessageKind,
     /// Sent: this agent; received: the CloudEvents source.
     agent: LabelId,
+    /// This process's agent.
+    own: LabelId,
     pull: bool,
 }
 
@@ -247,6 +249,7 @@ impl Interceptor for AgentMetrics {
             destination,
             kind,
             agent,
+            own: agent,
             pull: false,
         });
     }
@@ -321,6 +324,7 @@ impl Interceptor for AgentMetrics {
             destination,
             kind,
             agent,
+            own,
             pull,
         });
     }
@@ -363,7 +367,7 @@ impl Interceptor for AgentMetrics {
             settlement.outcome.as_str(),
         )
         .increment(1);
-        let own = self.own_agent(state);
+        let own = meta.own;
         i.processing
             .get((own, meta.kind), || {
                 metrics::histogram!(

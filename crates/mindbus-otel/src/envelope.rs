@@ -2,11 +2,13 @@
 //! CloudEvents fields that telemetry needs, read once per message.
 //!
 //! MindBus bodies are CloudEvents 1.0 in structured JSON mode. The reader
-//! walks the JSON once with `serde_json` and keeps, for every field it wants,
-//! either the byte range of the string inside the payload (the common case:
-//! no copy) or, for the rare string that carries JSON escapes, a small owned
-//! copy of the decoded text. Everything else in the body is skipped without
-//! being materialised. A body that is not JSON, JSON that is not an object,
+//! walks the JSON once with a small purpose-built scanner and keeps, for
+//! every field it wants, either the byte range of the string inside the
+//! payload (the common case: no copy) or, for the rare string that carries
+//! JSON escapes, a small owned copy of the decoded text. Everything else in
+//! the body is skipped structurally (brackets, strings, literals) without
+//! being materialised or UTF-8-validated; a string field that is kept is
+//! validated when it is read. A body that is not JSON, JSON that is not an object,
 //! or fields of unexpected types never make the reader fail: the fields it
 //! could not read are simply absent, and the kind falls back to the routing
 //! key prefix (`cmd.`, `evt.`, `ctl.`).
@@ -14,7 +16,6 @@
 //! [`Envelope`] is the cached result, independent of the payload's lifetime;
 //! [`EnvelopeRef`] pairs it with the payload to hand out `&str` fields.
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
 /// Bodies larger than this are not parsed: the kind then comes from the
@@ -196,17 +197,9 @@ impl Envelope {
             format: classify_and_parse(payload),
             ..Envelope::default()
         };
-        if env.format == BodyFormat::JsonObject || env.format == BodyFormat::CloudEvent {
+        if env.format == BodyFormat::JsonObject {
             let mut fields = Fields::default();
-            let base = payload.as_ptr() as usize;
-            let mut de = serde_json::Deserializer::from_slice(payload);
-            let seed = TopSeed {
-                base,
-                len: payload.len(),
-                out: &mut fields,
-            };
-            let ok = seed.deserialize(&mut de).is_ok() && de.end().is_ok();
-            if ok {
+            if Scanner::new(payload).document(&mut fields).is_some() {
                 env.apply(fields);
                 env.format = if env.spec_version.is_some() && env.event_type.is_some() {
                     BodyFormat::CloudEvent
@@ -394,314 +387,509 @@ struct DataFields {
     has_metrics: bool,
 }
 
-/// Identifies an object key among `names` without allocating.
-struct KeySeed(&'static [&'static str]);
-
-impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Option<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object key")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.0.iter().position(|n| *n == v))
-    }
-}
-
-/// Reads a string value as a payload range; any other value reads as `None`.
-struct TextSeed {
-    base: usize,
-    len: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for TextSeed {
-    type Value = Option<Text>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TextSeed {
-    type Value = Option<Text>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        let at = (v.as_ptr() as usize).wrapping_sub(self.base);
-        match (u32::try_from(at), u32::try_from(v.len())) {
-            (Ok(start), Ok(len)) if at + v.len() <= self.len => Ok(Some(Text::Span { start, len })),
-            _ => Ok(Some(Text::Owned(v.into()))),
-        }
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(Text::Owned(v.into())))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| None)
-    }
-}
-
-/// Reads a number (or a string holding one); anything else reads as `None`.
-struct NumSeed;
-
-impl<'de> DeserializeSeed<'de> for NumSeed {
-    type Value = Option<f64>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NumSeed {
-    type Value = Option<f64>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(v.trim().parse::<f64>().ok().filter(|n| n.is_finite()))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Some(v as f64))
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Some(v as f64))
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Some(v).filter(|n| n.is_finite()))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| None)
-    }
-}
-
-/// The top-level CloudEvent object.
-struct TopSeed<'o> {
-    base: usize,
-    len: usize,
-    out: &'o mut Fields,
-}
-
-const TOP_KEYS: &[&str] = &[
-    "specversion",
-    "type",
-    "id",
-    "source",
-    "subject",
-    "traceparent",
-    "tracestate",
-    "data",
-];
-const DATA_KEYS: &[&str] = &[
-    "action",
-    "status",
-    "error",
-    "metrics",
-    "output",
-    "execution_time_ms",
-];
-const ERROR_KEYS: &[&str] = &["code"];
-const METRICS_KEYS: &[&str] = &[
-    "model",
-    "tokens_used",
-    "cost_usd",
-    "estimated_cost_usd",
-    "latency_ms",
-];
-const OUTPUT_KEYS: &[&str] = &["quality_score"];
-
-impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TopSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let (base, len) = (self.base, self.len);
-        let text = || TextSeed { base, len };
-        while let Some(key) = map.next_key_seed(KeySeed(TOP_KEYS))? {
-            let out = &mut *self.out;
-            match key {
-                Some(0) => out.spec_version = map.next_value_seed(text())?,
-                Some(1) => out.event_type = map.next_value_seed(text())?,
-                Some(2) => out.id = map.next_value_seed(text())?,
-                Some(3) => out.source = map.next_value_seed(text())?,
-                Some(4) => out.subject = map.next_value_seed(text())?,
-                Some(5) => out.traceparent = map.next_value_seed(text())?,
-                Some(6) => out.tracestate = map.next_value_seed(text())?,
-                Some(7) => map.next_value_seed(DataSeed {
-                    base,
-                    len,
-                    out: &mut out.data,
-                })?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(())
-    }
-    // Any other top-level value is "not an object": reported by `read`.
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(de::Error::custom("not an object"))
-    }
-}
-
-/// A nested object of `data`, selected by `which`.
+/// What a wanted key's value is read as.
 #[derive(Clone, Copy)]
-enum DataPart {
-    Root,
+enum Slot {
+    SpecVersion,
+    Type,
+    Id,
+    Source,
+    Subject,
+    Traceparent,
+    Tracestate,
+    Data,
+    Action,
+    Status,
+    Error,
+    Metrics,
+    Output,
+    ExecutionTimeMs,
+    Code,
+    Model,
+    TokensUsed,
+    CostUsd,
+    EstimatedCostUsd,
+    LatencyMs,
+    QualityScore,
+}
+
+/// Which object the scanner is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Top,
+    Data,
     Error,
     Metrics,
     Output,
 }
 
-struct DataSeed<'o> {
-    base: usize,
-    len: usize,
-    out: &'o mut DataFields,
+fn slot(level: Level, key: &[u8]) -> Option<Slot> {
+    Some(match (level, key) {
+        (Level::Top, b"specversion") => Slot::SpecVersion,
+        (Level::Top, b"type") => Slot::Type,
+        (Level::Top, b"id") => Slot::Id,
+        (Level::Top, b"source") => Slot::Source,
+        (Level::Top, b"subject") => Slot::Subject,
+        (Level::Top, b"traceparent") => Slot::Traceparent,
+        (Level::Top, b"tracestate") => Slot::Tracestate,
+        (Level::Top, b"data") => Slot::Data,
+        (Level::Data, b"action") => Slot::Action,
+        (Level::Data, b"status") => Slot::Status,
+        (Level::Data, b"error") => Slot::Error,
+        (Level::Data, b"metrics") => Slot::Metrics,
+        (Level::Data, b"output") => Slot::Output,
+        (Level::Data, b"execution_time_ms") => Slot::ExecutionTimeMs,
+        (Level::Error, b"code") => Slot::Code,
+        (Level::Metrics, b"model") => Slot::Model,
+        (Level::Metrics, b"tokens_used") => Slot::TokensUsed,
+        (Level::Metrics, b"cost_usd") => Slot::CostUsd,
+        (Level::Metrics, b"estimated_cost_usd") => Slot::EstimatedCostUsd,
+        (Level::Metrics, b"latency_ms") => Slot::LatencyMs,
+        (Level::Output, b"quality_score") => Slot::QualityScore,
+        _ => return None,
+    })
 }
 
-impl<'de> DeserializeSeed<'de> for DataSeed<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(PartVisitor {
-            base: self.base,
-            len: self.len,
-            out: self.out,
-            part: DataPart::Root,
-        })
+/// Forgets what an earlier occurrence of a nested object's key set.
+fn reset(level: Level, out: &mut Fields) {
+    let d = &mut out.data;
+    match level {
+        Level::Top => {}
+        Level::Data => *d = DataFields::default(),
+        Level::Error => d.error_code = None,
+        Level::Metrics => {
+            d.model = None;
+            d.tokens_used = None;
+            d.cost_usd = None;
+            d.estimated_cost_usd = None;
+            d.latency_ms = None;
+            d.has_metrics = false;
+        }
+        Level::Output => d.quality_score = None,
     }
 }
 
-struct PartVisitor<'o> {
-    base: usize,
-    len: usize,
-    out: &'o mut DataFields,
-    part: DataPart,
+fn text_slot(slot: Slot, out: &mut Fields) -> Option<&mut Option<Text>> {
+    Some(match slot {
+        Slot::SpecVersion => &mut out.spec_version,
+        Slot::Type => &mut out.event_type,
+        Slot::Id => &mut out.id,
+        Slot::Source => &mut out.source,
+        Slot::Subject => &mut out.subject,
+        Slot::Traceparent => &mut out.traceparent,
+        Slot::Tracestate => &mut out.tracestate,
+        Slot::Action => &mut out.data.action,
+        Slot::Status => &mut out.data.status,
+        Slot::Code => &mut out.data.error_code,
+        Slot::Model => &mut out.data.model,
+        _ => return None,
+    })
 }
 
-impl<'de> DeserializeSeed<'de> for PartVisitor<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
+fn num_slot(slot: Slot, out: &mut Fields) -> Option<&mut Option<f64>> {
+    Some(match slot {
+        Slot::ExecutionTimeMs => &mut out.data.execution_time_ms,
+        Slot::TokensUsed => &mut out.data.tokens_used,
+        Slot::CostUsd => &mut out.data.cost_usd,
+        Slot::EstimatedCostUsd => &mut out.data.estimated_cost_usd,
+        Slot::LatencyMs => &mut out.data.latency_ms,
+        Slot::QualityScore => &mut out.data.quality_score,
+        _ => return None,
+    })
 }
 
-impl<'de> Visitor<'de> for PartVisitor<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
+/// A JSON string as found: the byte range of its content, and whether it
+/// holds escapes (then it must be decoded before use).
+#[derive(Clone, Copy)]
+struct RawStr {
+    start: usize,
+    end: usize,
+    escaped: bool,
+}
+
+/// A single-pass JSON scanner over the payload. Every method returns `None`
+/// on malformed input; nothing here can panic or recurse without bound
+/// (skipped containers are tracked on an explicit stack, and the wanted
+/// objects are at most three levels deep).
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Scanner { b, i: 0 }
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let (base, len) = (self.base, self.len);
-        let text = || TextSeed { base, len };
-        let keys = match self.part {
-            DataPart::Root => DATA_KEYS,
-            DataPart::Error => ERROR_KEYS,
-            DataPart::Metrics => {
-                self.out.has_metrics = true;
-                METRICS_KEYS
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// The whole document: one object and nothing after it.
+    fn document(&mut self, out: &mut Fields) -> Option<()> {
+        self.eat(b'{')?;
+        self.members(Level::Top, out)?;
+        self.ws();
+        (self.i == self.b.len()).then_some(())
+    }
+
+    /// The members of an object whose `{` was consumed, through its `}`.
+    fn members(&mut self, level: Level, out: &mut Fields) -> Option<()> {
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            self.ws();
+            if self.peek()? != b'"' {
+                return None;
             }
-            DataPart::Output => OUTPUT_KEYS,
-        };
-        while let Some(key) = map.next_key_seed(KeySeed(keys))? {
-            let out = &mut *self.out;
-            let nested = |part, out| PartVisitor {
-                base,
-                len,
-                out,
-                part,
+            let key = self.string()?;
+            self.eat(b':')?;
+            self.ws();
+            // Keys with escapes are never ours.
+            let wanted = if key.escaped {
+                None
+            } else {
+                slot(level, &self.b[key.start..key.end])
             };
-            match (self.part, key) {
-                (DataPart::Root, Some(0)) => out.action = map.next_value_seed(text())?,
-                (DataPart::Root, Some(1)) => out.status = map.next_value_seed(text())?,
-                (DataPart::Root, Some(2)) => {
-                    map.next_value_seed(nested(DataPart::Error, out))?;
+            match wanted {
+                None => self.skip_value()?,
+                Some(slot) => self.wanted(slot, out)?,
+            }
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
                 }
-                (DataPart::Root, Some(3)) => {
-                    map.next_value_seed(nested(DataPart::Metrics, out))?;
+                _ => return None,
+            }
+        }
+    }
+
+    fn wanted(&mut self, slot: Slot, out: &mut Fields) -> Option<()> {
+        let nested = match slot {
+            Slot::Data => Some(Level::Data),
+            Slot::Error => Some(Level::Error),
+            Slot::Metrics => Some(Level::Metrics),
+            Slot::Output => Some(Level::Output),
+            _ => None,
+        };
+        if let Some(level) = nested {
+            // Duplicate keys: the last one wins, also for objects.
+            reset(level, out);
+            if self.peek()? == b'{' {
+                self.i += 1;
+                if level == Level::Metrics {
+                    out.data.has_metrics = true;
                 }
-                (DataPart::Root, Some(4)) => {
-                    map.next_value_seed(nested(DataPart::Output, out))?;
+                return self.members(level, out);
+            }
+            return self.skip_value();
+        }
+        let is_num = num_slot(slot, out).is_some();
+        match (self.peek()?, is_num) {
+            (b'"', false) => {
+                let raw = self.string()?;
+                let value = self.text(raw);
+                if let Some(t) = text_slot(slot, out) {
+                    *t = value;
                 }
-                (DataPart::Root, Some(5)) => {
-                    out.execution_time_ms = map.next_value_seed(NumSeed)?
+            }
+            (b'"', true) => {
+                let raw = self.string()?;
+                let value = match self.text(raw) {
+                    Some(Text::Owned(s)) => s.trim().parse::<f64>().ok(),
+                    Some(Text::Span { .. }) => std::str::from_utf8(&self.b[raw.start..raw.end])
+                        .ok()
+                        .and_then(|s| s.trim().parse::<f64>().ok()),
+                    None => None,
                 }
-                (DataPart::Error, Some(0)) => out.error_code = map.next_value_seed(text())?,
-                (DataPart::Metrics, Some(0)) => out.model = map.next_value_seed(text())?,
-                (DataPart::Metrics, Some(1)) => out.tokens_used = map.next_value_seed(NumSeed)?,
-                (DataPart::Metrics, Some(2)) => out.cost_usd = map.next_value_seed(NumSeed)?,
-                (DataPart::Metrics, Some(3)) => {
-                    out.estimated_cost_usd = map.next_value_seed(NumSeed)?;
+                .filter(|n| n.is_finite());
+                if let Some(n) = num_slot(slot, out) {
+                    *n = value;
                 }
-                (DataPart::Metrics, Some(4)) => out.latency_ms = map.next_value_seed(NumSeed)?,
-                (DataPart::Output, Some(0)) => out.quality_score = map.next_value_seed(NumSeed)?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
+            }
+            (b'-' | b'0'..=b'9', true) => {
+                let (start, end) = self.number()?;
+                let value = std::str::from_utf8(&self.b[start..end])
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .filter(|n| n.is_finite());
+                if let Some(n) = num_slot(slot, out) {
+                    *n = value;
+                }
+            }
+            _ => {
+                // Any other value: skipped, and the field reads as absent.
+                self.skip_value()?;
+                if let Some(n) = num_slot(slot, out) {
+                    *n = None;
+                }
+                if let Some(t) = text_slot(slot, out) {
+                    *t = None;
                 }
             }
         }
-        Ok(())
+        Some(())
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| ())
+
+    /// A kept string: a payload range, or a decoded copy if escaped; `None`
+    /// when it is not UTF-8 (the field then reads as absent, as a field of
+    /// another type does).
+    fn text(&self, raw: RawStr) -> Option<Text> {
+        let bytes = &self.b[raw.start..raw.end];
+        if raw.escaped {
+            return unescape(bytes).map(|s| Text::Owned(s.into_boxed_str()));
+        }
+        std::str::from_utf8(bytes).ok()?;
+        match (u32::try_from(raw.start), u32::try_from(bytes.len())) {
+            (Ok(start), Ok(len)) => Some(Text::Span { start, len }),
+            _ => None,
+        }
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
+
+    /// A string starting at `"`; checks escapes and control characters.
+    fn string(&mut self) -> Option<RawStr> {
+        self.i += 1;
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            self.i += special_at(self.b.get(self.i..)?)?;
+            match self.b[self.i] {
+                b'"' => {
+                    let end = self.i;
+                    self.i += 1;
+                    return Some(RawStr {
+                        start,
+                        end,
+                        escaped,
+                    });
+                }
+                b'\\' => {
+                    escaped = true;
+                    match self.b.get(self.i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
+                        b'u' => {
+                            let hex = self.b.get(self.i + 2..self.i + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            self.i += 6;
+                        }
+                        _ => return None,
+                    }
+                }
+                _ => return None, // raw control character
+            }
+        }
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
+
+    /// A number, by the JSON grammar; returns its byte range.
+    fn number(&mut self) -> Option<(usize, usize)> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let digits = |s: &mut Self| {
+            let from = s.i;
+            while let Some(b'0'..=b'9') = s.peek() {
+                s.i += 1;
+            }
+            s.i > from
+        };
+        if self.peek() == Some(b'0') {
+            self.i += 1;
+        } else if !digits(self) {
+            return None;
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if !digits(self) {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if !digits(self) {
+                return None;
+            }
+        }
+        Some((start, self.i))
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.i + word.len();
+        (self.b.get(self.i..end)? == word).then(|| self.i = end)
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
+
+    /// Skips any value, however deeply nested, without recursion.
+    fn skip_value(&mut self) -> Option<()> {
+        // Open containers: true for an object, false for an array.
+        let mut stack: Vec<bool> = Vec::new();
+        loop {
+            self.ws();
+            // A value.
+            match self.peek()? {
+                b'{' | b'[' => {
+                    let object = self.peek()? == b'{';
+                    self.i += 1;
+                    self.ws();
+                    let close = if object { b'}' } else { b']' };
+                    if self.peek()? == close {
+                        self.i += 1;
+                    } else {
+                        stack.push(object);
+                        if object {
+                            self.key()?;
+                        }
+                        continue;
+                    }
+                }
+                b'"' => {
+                    self.string()?;
+                }
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
+                b'-' | b'0'..=b'9' => {
+                    self.number()?;
+                }
+                _ => return None,
+            }
+            // After a value: close containers or move to the next element.
+            loop {
+                let Some(&object) = stack.last() else {
+                    return Some(());
+                };
+                self.ws();
+                match (self.peek()?, object) {
+                    (b',', _) => {
+                        self.i += 1;
+                        if object {
+                            self.key()?;
+                        }
+                        break;
+                    }
+                    (b'}', true) | (b']', false) => {
+                        self.i += 1;
+                        stack.pop();
+                    }
+                    _ => return None,
+                }
+            }
+        }
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
+
+    /// `"key":` inside a skipped object.
+    fn key(&mut self) -> Option<()> {
+        self.ws();
+        if self.peek()? != b'"' {
+            return None;
+        }
+        self.string()?;
+        self.eat(b':')
     }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+}
+
+/// The offset of the first byte that ends or interrupts a JSON string
+/// (`"`, `\\` or a control character), eight bytes at a time.
+fn special_at(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut at = 0;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let v = u64::from_le_bytes(b);
+        // A byte is zero in x ^ pattern where it equals the pattern byte;
+        // (x - ONES) & !x & HIGH flags zero bytes (and bytes < 0x20 for
+        // the control test, with x = v itself shifted down by 0x20).
+        let quote = v ^ (ONES * u64::from(b'"'));
+        let slash = v ^ (ONES * u64::from(b'\\'));
+        let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+        let control = v.wrapping_sub(ONES * 0x20) & !v & HIGH;
+        let hits = zero(quote) | zero(slash) | control;
+        if hits != 0 {
+            // The lowest flagged byte is always a true hit (borrows only
+            // run upwards), so it is the first special byte.
+            return Some(at + (hits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
     }
+    bytes[at..]
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .map(|p| at + p)
+}
+
+/// Decodes the content of an escaped JSON string (already checked by
+/// [`Scanner::string`]). `None` for invalid UTF-8 or a lone surrogate.
+fn unescape(raw: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    let hex4 = |at: usize| -> Option<u32> {
+        let s = std::str::from_utf8(raw.get(at..at + 4)?).ok()?;
+        u32::from_str_radix(s, 16).ok()
+    };
+    while i < raw.len() {
+        if raw[i] != b'\\' {
+            out.push(raw[i]);
+            i += 1;
+            continue;
+        }
+        let c = *raw.get(i + 1)?;
+        i += 2;
+        let ch = match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = hex4(i)?;
+                i += 4;
+                if (0xD800..0xDC00).contains(&hi) {
+                    if raw.get(i..i + 2)? != b"\\u" {
+                        return None;
+                    }
+                    let lo = hex4(i + 2)?;
+                    if !(0xDC00..0xE000).contains(&lo) {
+                        return None;
+                    }
+                    i += 6;
+                    char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))?
+                } else {
+                    char::from_u32(hi)?
+                }
+            }
+            _ => return None,
+        };
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -877,6 +1065,25 @@ mod tests {
             Envelope::read("evt.a", unbalanced.as_bytes()).format(),
             BodyFormat::NotJson
         );
+    }
+
+    #[test]
+    fn special_byte_search_matches_a_plain_scan() {
+        let naive = |b: &[u8]| b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
+        for len in 0..40 {
+            for at in 0..=len {
+                for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+                    // Fill with bytes around the boundaries of the tests.
+                    let mut v: Vec<u8> = (0..len)
+                        .map(|i| [b'a', 0x20, 0x7f, 0x80, 0xff, b'!', b'#'][i % 7])
+                        .collect();
+                    if at < len {
+                        v[at] = special;
+                    }
+                    assert_eq!(special_at(&v), naive(&v), "{v:?}");
+                }
+            }
+        }
     }
 
     #[test]

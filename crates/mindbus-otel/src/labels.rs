@@ -11,7 +11,7 @@
 //! the hot path never rebuilds a metric key.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -25,6 +25,62 @@ pub const DEFAULT_MAX_LABEL_VALUES: usize = 100;
 /// boundary (a label is a name, not a payload).
 pub const MAX_LABEL_LEN: usize = 128;
 
+/// A small, fast, non-cryptographic hasher (the multiply-rotate scheme of
+/// rustc's FxHash) for the bounded tables here: a few hundred entries at
+/// most, so adversarial collisions cannot cost more than a short scan.
+#[derive(Clone, Copy, Default)]
+pub struct FastHasher(u64);
+
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `HashMap` with [`FastHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
 /// An index into a [`LabelGuard`]'s values.
 pub type LabelId = u32;
 
@@ -33,7 +89,7 @@ pub type LabelId = u32;
 pub struct LabelGuard {
     label: &'static str,
     cap: usize,
-    index: RwLock<HashMap<Box<str>, LabelId>>,
+    index: RwLock<FastMap<Box<str>, LabelId>>,
     values: RwLock<Vec<Arc<str>>>,
     folded: AtomicU64,
 }
@@ -45,7 +101,7 @@ impl LabelGuard {
         LabelGuard {
             label,
             cap,
-            index: RwLock::new(HashMap::new()),
+            index: RwLock::new(FastMap::default()),
             values: RwLock::new(vec![Arc::from(OTHER)]),
             folded: AtomicU64::new(0),
         }
@@ -121,13 +177,13 @@ fn truncate(value: &str) -> &str {
 /// One metric handle per label set, created on first use.
 #[derive(Debug)]
 pub struct HandleCache<K, H> {
-    map: RwLock<HashMap<K, H>>,
+    map: RwLock<FastMap<K, H>>,
 }
 
 impl<K, H> Default for HandleCache<K, H> {
     fn default() -> Self {
         HandleCache {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FastMap::default()),
         }
     }
 }

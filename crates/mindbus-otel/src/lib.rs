@@ -106,8 +106,3 @@ pub use propagation::{ContextSource, PropagationStats, TraceContext};
 pub use spans::{MessagingSpans, SpanStats};
 pub use task_metrics::TaskMetrics;
 pub use w3c::RejectReason;
-
-/// The README's examples, compiled as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;

@@ -195,6 +195,10 @@ impl MessageState {
         self.agent.as_deref()
     }
 
+    pub(crate) fn agent_shared(&self) -> Option<&Arc<str>> {
+        self.agent.as_ref()
+    }
+
     fn envelope_for(&mut self, routing_key: &str, payload: &[u8]) -> &Envelope {
         let env = self
             .envelope

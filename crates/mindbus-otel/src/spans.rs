@@ -48,6 +48,7 @@
 
 use crate::envelope::MessageKind;
 use crate::interceptor::Interceptor;
+use crate::labels::FastMap;
 use crate::message::{
     Direction, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
     PublishResult, Settlement,
@@ -55,17 +56,18 @@ use crate::message::{
 use crate::semconv::*;
 use lapin::Confirmation;
 use opentelemetry::baggage::{BaggageExt, KeyValueMetadata};
-use opentelemetry::global::{self, BoxedTracer};
+use opentelemetry::global::{self, BoxedSpan, BoxedTracer};
+use opentelemetry::trace::SpanBuilder;
 use opentelemetry::trace::{
-    Link, SpanContext, SpanKind, Status, TraceContextExt, Tracer, TracerProvider,
+    Link, Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer, TracerProvider,
 };
-use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Default bound of the in-flight COMMAND table.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
@@ -152,8 +154,9 @@ struct Inner {
     tracer: TracerSource,
     link_only: [bool; 6],
     payload_cap: Option<usize>,
-    server: Option<(String, u16)>,
+    server: Option<(Arc<str>, u16)>,
     in_flight: InFlight,
+    names: NameCache,
     stats: SpanStats,
 }
 
@@ -188,6 +191,7 @@ impl MessagingSpans {
                     map: Mutex::new(HashMap::new()),
                     max: DEFAULT_MAX_IN_FLIGHT,
                 },
+                names: NameCache::new(),
                 stats: SpanStats::default(),
             }),
         }
@@ -238,7 +242,7 @@ impl MessagingSpans {
 
     /// The broker address for `server.address` / `server.port`.
     pub fn server(self, address: impl Into<String>, port: u16) -> Self {
-        let address = address.into();
+        let address: Arc<str> = Arc::from(address.into());
         self.edit(|i| i.server = Some((address, port)))
     }
 
@@ -258,14 +262,15 @@ impl MessagingSpans {
         self.inner.in_flight.len()
     }
 
-    fn start(&self, builder: opentelemetry::trace::SpanBuilder, parent: &Context) -> Context {
+    /// Starts a span, still owned (so attributes are added without the
+    /// lock a span in a `Context` takes per call).
+    fn start(&self, builder: SpanBuilder, parent: &Context) -> BoxedSpan {
         self.inner.stats.started.fetch_add(1, Ordering::Relaxed);
         match &self.inner.tracer {
-            TracerSource::Fixed(t) => parent.with_span(t.build_with_context(builder, parent)),
-            TracerSource::Global => {
-                let t = global::tracer_provider().tracer_with_scope(scope());
-                parent.with_span(t.build_with_context(builder, parent))
-            }
+            TracerSource::Fixed(t) => t.build_with_context(builder, parent),
+            TracerSource::Global => global::tracer_provider()
+                .tracer_with_scope(scope())
+                .build_with_context(builder, parent),
         }
     }
 
@@ -274,14 +279,39 @@ impl MessagingSpans {
         self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn common_attributes(&self, attrs: &mut Vec<KeyValue>, agent: Option<&str>) {
-        attrs.push(KeyValue::new(MESSAGING_SYSTEM, RABBITMQ));
+    fn common_attributes(&self, attrs: &mut Vec<KeyValue>, agent: Option<&Arc<str>>) {
         if let Some((host, port)) = &self.inner.server {
-            attrs.push(KeyValue::new(SERVER_ADDRESS, host.clone()));
+            attrs.push(KeyValue::new(SERVER_ADDRESS, Arc::clone(host)));
             attrs.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
         }
         if let Some(agent) = agent {
-            attrs.push(KeyValue::new(MINDBUS_AGENT, agent.to_owned()));
+            attrs.push(KeyValue::new(MINDBUS_AGENT, Arc::clone(agent)));
+        }
+    }
+
+    /// The CloudEvents/MindBus attributes; low-cardinality values are
+    /// shared, not copied.
+    fn envelope_attributes(&self, attrs: &mut Vec<KeyValue>, env: &crate::EnvelopeRef<'_>) {
+        let names = &self.inner.names;
+        let shared = [
+            (MINDBUS_ACTION, env.action()),
+            (MINDBUS_ERROR_CODE, env.error_code()),
+            (CLOUDEVENTS_EVENT_SOURCE, env.source()),
+            (CLOUDEVENTS_EVENT_TYPE, env.event_type()),
+            (CLOUDEVENTS_EVENT_SPEC_VERSION, env.spec_version()),
+        ];
+        for (k, v) in shared {
+            if let Some(v) = v {
+                attrs.push(KeyValue::new(k, names.value(v)));
+            }
+        }
+        for (k, v) in [
+            (CLOUDEVENTS_EVENT_ID, env.id()),
+            (CLOUDEVENTS_EVENT_SUBJECT, env.subject()),
+        ] {
+            if let Some(v) = v {
+                attrs.push(KeyValue::new(k, v.to_owned()));
+            }
         }
     }
 
@@ -333,24 +363,6 @@ impl MessagingSpans {
     }
 }
 
-fn envelope_attributes(attrs: &mut Vec<KeyValue>, env: &crate::EnvelopeRef<'_>) {
-    attrs.push(KeyValue::new(MINDBUS_MESSAGE_KIND, env.kind().as_str()));
-    let pairs = [
-        (MINDBUS_ACTION, env.action()),
-        (MINDBUS_ERROR_CODE, env.error_code()),
-        (CLOUDEVENTS_EVENT_ID, env.id()),
-        (CLOUDEVENTS_EVENT_SOURCE, env.source()),
-        (CLOUDEVENTS_EVENT_TYPE, env.event_type()),
-        (CLOUDEVENTS_EVENT_SUBJECT, env.subject()),
-        (CLOUDEVENTS_EVENT_SPEC_VERSION, env.spec_version()),
-    ];
-    for (k, v) in pairs {
-        if let Some(v) = v {
-            attrs.push(KeyValue::new(k, v.to_owned()));
-        }
-    }
-}
-
 /// `to`, with the baggage of `from` (baggage travels with the message even
 /// when the span parent comes from elsewhere).
 fn with_baggage_of(from: &Context, to: Context) -> Context {
@@ -365,23 +377,129 @@ fn with_baggage_of(from: &Context, to: Context) -> Context {
     )
 }
 
-/// A low-cardinality name for a destination, and whether it is temporary.
-fn destination_label(name: &str) -> (Cow<'static, str>, bool) {
-    if is_temporary_queue(name) {
-        (Cow::Borrowed(TEMPORARY_DESTINATION), true)
-    } else if name.is_empty() {
-        (Cow::Borrowed(DEFAULT_DESTINATION), false)
-    } else {
-        (Cow::Owned(name.to_owned()), false)
+/// The three span-producing operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Publish,
+    Process,
+    Receive,
+}
+
+impl Op {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Op::Publish => "publish",
+            Op::Process => "process",
+            Op::Receive => "receive",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+
+    const fn temporary_name(self) -> &'static str {
+        match self {
+            Op::Publish => "publish (temporary)",
+            Op::Process => "process (temporary)",
+            Op::Receive => "receive (temporary)",
+        }
+    }
+
+    const fn default_name(self) -> &'static str {
+        match self {
+            Op::Publish => "publish (default)",
+            Op::Process => "process (default)",
+            Op::Receive => "receive (default)",
+        }
     }
 }
 
-fn span_name(operation: &'static str, destination: &str) -> Cow<'static, str> {
-    let mut s = String::with_capacity(operation.len() + 1 + destination.len());
-    s.push_str(operation);
-    s.push(' ');
-    s.push_str(destination);
-    Cow::Owned(s)
+/// Span names and destination values, built once per destination.
+///
+/// Names are low-cardinality by construction (exchanges and queues, never
+/// routing keys or generated names), so each is leaked once as a
+/// `&'static str` and reused; past [`MAX_CACHED_NAMES`] destinations (a
+/// misuse) names are built per span instead of growing the cache.
+struct NameCache {
+    names: [RwLock<NameMap>; 3],
+    values: RwLock<FastMap<Box<str>, Arc<str>>>,
+    cached: AtomicUsize,
+}
+
+/// Destination -> (span name, destination value).
+type NameMap = FastMap<Box<str>, (&'static str, Arc<str>)>;
+
+/// Bound of the span-name cache (all operations together).
+pub const MAX_CACHED_NAMES: usize = 1024;
+
+impl NameCache {
+    fn new() -> Self {
+        NameCache {
+            names: Default::default(),
+            values: RwLock::new(FastMap::default()),
+            cached: AtomicUsize::new(0),
+        }
+    }
+
+    /// The span name for `op` on `destination`, the destination as an
+    /// attribute value, and whether it is temporary.
+    fn get(&self, op: Op, destination: &str) -> (Cow<'static, str>, Value, bool) {
+        if is_temporary_queue(destination) {
+            return (
+                Cow::Borrowed(op.temporary_name()),
+                Value::from(destination.to_owned()),
+                true,
+            );
+        }
+        if destination.is_empty() {
+            return (Cow::Borrowed(op.default_name()), Value::from(""), false);
+        }
+        let map = &self.names[op.index()];
+        if let Ok(m) = map.read()
+            && let Some((name, value)) = m.get(destination)
+        {
+            return (Cow::Borrowed(*name), Value::from(Arc::clone(value)), false);
+        }
+        let name = format!("{} {destination}", op.as_str());
+        if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
+            return (Cow::Owned(name), Value::from(destination.to_owned()), false);
+        }
+        let Ok(mut m) = map.write() else {
+            return (Cow::Owned(name), Value::from(destination.to_owned()), false);
+        };
+        let (name, value) = m
+            .entry(destination.into())
+            .or_insert_with(|| {
+                self.cached.fetch_add(1, Ordering::Relaxed);
+                let leaked: &'static str = Box::leak(name.into_boxed_str());
+                (leaked, Arc::from(destination))
+            })
+            .clone();
+        (Cow::Borrowed(name), Value::from(value), false)
+    }
+
+    /// `s` as a shared attribute value (exchange names).
+    fn value(&self, s: &str) -> Value {
+        if let Ok(m) = self.values.read()
+            && let Some(v) = m.get(s)
+        {
+            return Value::from(Arc::clone(v));
+        }
+        if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
+            return Value::from(s.to_owned());
+        }
+        match self.values.write() {
+            Ok(mut m) => {
+                let v = m.entry(s.into()).or_insert_with(|| {
+                    self.cached.fetch_add(1, Ordering::Relaxed);
+                    Arc::from(s)
+                });
+                Value::from(Arc::clone(v))
+            }
+            Err(_) => Value::from(s.to_owned()),
+        }
+    }
 }
 
 /// The `error.type` of a lapin error.
@@ -418,48 +536,15 @@ impl Interceptor for MessagingSpans {
         } else {
             exchange
         };
-        let (label, temporary) = destination_label(destination);
-        let props = msg.properties();
-        let mut attrs = Vec::with_capacity(20);
-        self.common_attributes(&mut attrs, msg.state().agent());
-        attrs.push(KeyValue::new(MESSAGING_OPERATION_NAME, "publish"));
-        attrs.push(KeyValue::new(MESSAGING_OPERATION_TYPE, "send"));
-        attrs.push(KeyValue::new(
-            MESSAGING_DESTINATION_NAME,
-            destination.to_owned(),
-        ));
-        if temporary {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
-        }
-        if !routing_key.is_empty() {
-            attrs.push(KeyValue::new(
-                MESSAGING_RABBITMQ_ROUTING_KEY,
-                routing_key.to_owned(),
-            ));
-        }
-        if let Some(id) = props.message_id() {
-            attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
-        }
-        let correlation_id = props.correlation_id().as_ref().map(|c| c.as_str());
-        if let Some(c) = correlation_id {
-            attrs.push(KeyValue::new(
-                MESSAGING_MESSAGE_CONVERSATION_ID,
-                c.to_owned(),
-            ));
-        }
-        attrs.push(KeyValue::new(
-            MESSAGING_MESSAGE_BODY_SIZE,
-            msg.payload().len() as i64,
-        ));
-        self.payload_attribute(&mut attrs, msg.payload());
+        let (name, dest_value, temporary) = self.inner.names.get(Op::Publish, destination);
         let env = msg.envelope();
         let kind = env.kind();
-        let error_code = env.error_code().map(str::to_owned);
-        envelope_attributes(&mut attrs, &env);
+        let props = msg.properties();
+        let correlation_id = props.correlation_id().as_ref().map(|c| c.as_str());
 
         // Parent: the caller's span, else the COMMAND being answered.
         let mut parent = msg.state().context().clone();
+        let mut rpc = false;
         if !parent.span().span_context().is_valid()
             && matches!(kind, MessageKind::Result | MessageKind::Error)
             && let Some(c) = correlation_id
@@ -469,21 +554,71 @@ impl Interceptor for MessagingSpans {
                 .stats
                 .rpc_parented
                 .fetch_add(1, Ordering::Relaxed);
-            attrs.push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
+            rpc = true;
             // Keep the caller's baggage, take the COMMAND's span.
             parent = with_baggage_of(&parent, cx);
         }
-        let builder = opentelemetry::trace::SpanBuilder::from_name(span_name("publish", &label))
+
+        // What samplers may look at is given at creation; the details only
+        // when the span records (nothing is computed for unsampled spans).
+        let mut attrs = Vec::with_capacity(24);
+        attrs.extend([
+            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
+            KeyValue::new(MESSAGING_OPERATION_NAME, "publish"),
+            KeyValue::new(MESSAGING_OPERATION_TYPE, "send"),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, dest_value),
+            KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
+        ]);
+        let details = |attrs: &mut Vec<KeyValue>, msg: &mut OutgoingMessage<'_>| {
+            let props = msg.properties();
+            self.common_attributes(attrs, msg.state().agent_shared());
+            if temporary {
+                attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+                attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+            }
+            if !routing_key.is_empty() {
+                attrs.push(KeyValue::new(
+                    MESSAGING_RABBITMQ_ROUTING_KEY,
+                    routing_key.to_owned(),
+                ));
+            }
+            if let Some(id) = props.message_id() {
+                attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
+            }
+            if let Some(c) = props.correlation_id() {
+                attrs.push(KeyValue::new(
+                    MESSAGING_MESSAGE_CONVERSATION_ID,
+                    c.as_str().to_owned(),
+                ));
+            }
+            attrs.push(KeyValue::new(
+                MESSAGING_MESSAGE_BODY_SIZE,
+                msg.payload().len() as i64,
+            ));
+            if rpc {
+                attrs.push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
+            }
+            self.payload_attribute(attrs, msg.payload());
+            let env = msg.envelope();
+            self.envelope_attributes(attrs, &env);
+            if kind == MessageKind::Error {
+                let code = env.error_code().unwrap_or("error").to_owned();
+                attrs.push(KeyValue::new(ERROR_TYPE, code));
+            }
+        };
+        let builder = SpanBuilder::from_name(name)
             .with_kind(SpanKind::Producer)
             .with_attributes(attrs);
-        let cx = self.start(builder, &parent);
-        if kind == MessageKind::Error {
-            set_error(
-                &cx,
-                error_code.unwrap_or_else(|| "error".to_owned()),
-                "ai.team.error",
-            );
+        let mut span = self.start(builder, &parent);
+        if span.is_recording() {
+            let mut more = Vec::with_capacity(20);
+            details(&mut more, msg);
+            span.set_attributes(more);
+            if kind == MessageKind::Error {
+                span.set_status(Status::error("ai.team.error"));
+            }
         }
+        let cx = parent.with_span(span);
         msg.state_mut().set_context(cx.clone());
         msg.state_mut().extensions.insert(SpanState {
             cx,
@@ -526,74 +661,24 @@ impl Interceptor for MessagingSpans {
     fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
         let delivery = msg.delivery();
         let queue = msg.queue();
-        let (label, temporary) = destination_label(queue);
         // basic_get is a pull ("receive"); a consumer push is "process".
         let pull = msg.state().is_pull();
-        let (op_name, op_type) = if pull {
-            ("receive", "receive")
+        let op = if pull { Op::Receive } else { Op::Process };
+        let (name, queue_value, temporary) = self.inner.names.get(op, queue);
+        let exchange = delivery.exchange.as_str();
+        let destination = if exchange.is_empty() {
+            queue_value.clone()
         } else {
-            ("process", "process")
+            self.inner.names.value(exchange)
         };
         let props = &delivery.properties;
-        let mut attrs = Vec::with_capacity(22);
-        self.common_attributes(&mut attrs, msg.state().agent());
-        attrs.push(KeyValue::new(MESSAGING_OPERATION_NAME, op_name));
-        attrs.push(KeyValue::new(MESSAGING_OPERATION_TYPE, op_type));
-        let exchange = delivery.exchange.as_str();
-        let destination = if exchange.is_empty() { queue } else { exchange };
-        attrs.push(KeyValue::new(
-            MESSAGING_DESTINATION_NAME,
-            destination.to_owned(),
-        ));
-        attrs.push(KeyValue::new(
-            MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
-            queue.to_owned(),
-        ));
-        if temporary {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
-        }
-        let routing_key = delivery.routing_key.as_str();
-        if !routing_key.is_empty() {
-            attrs.push(KeyValue::new(
-                MESSAGING_RABBITMQ_ROUTING_KEY,
-                routing_key.to_owned(),
-            ));
-        }
-        attrs.push(KeyValue::new(
-            MESSAGING_RABBITMQ_DELIVERY_TAG,
-            delivery.delivery_tag as i64,
-        ));
-        if let Some(id) = props.message_id() {
-            attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
-        }
-        if let Some(c) = props.correlation_id() {
-            attrs.push(KeyValue::new(
-                MESSAGING_MESSAGE_CONVERSATION_ID,
-                c.as_str().to_owned(),
-            ));
-        }
-        attrs.push(KeyValue::new(
-            MESSAGING_MESSAGE_BODY_SIZE,
-            delivery.data.len() as i64,
-        ));
-        self.payload_attribute(&mut attrs, &delivery.data);
         let env = msg.envelope();
         let kind = env.kind();
-        let error_code = env.error_code().map(str::to_owned);
-        let ce_id = env.id().map(str::to_owned);
-        envelope_attributes(&mut attrs, &env);
 
         // The producer's context, as extracted by the propagation
         // interceptor (or empty).
         let remote = msg.state().context().clone();
         let producer: SpanContext = remote.span().span_context().clone();
-        let mut builder = opentelemetry::trace::SpanBuilder::from_name(span_name(op_name, &label))
-            .with_kind(SpanKind::Consumer)
-            .with_attributes(attrs);
-        if producer.is_valid() {
-            builder = builder.with_links(vec![Link::with_context(producer)]);
-        }
         let ambient = Context::current();
         let parent = if pull && ambient.span().span_context().is_valid() {
             with_baggage_of(&remote, ambient)
@@ -602,27 +687,88 @@ impl Interceptor for MessagingSpans {
         } else {
             remote
         };
-        let cx = self.start(builder, &parent);
-        if kind == MessageKind::Error {
-            set_error(
-                &cx,
-                error_code.unwrap_or_else(|| "error".to_owned()),
-                "ai.team.error",
-            );
+        let mut attrs = Vec::with_capacity(24);
+        attrs.extend([
+            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
+            KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
+            KeyValue::new(MESSAGING_OPERATION_TYPE, op.as_str()),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, destination),
+            KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
+        ]);
+        let details = |attrs: &mut Vec<KeyValue>, msg: &mut IncomingMessage<'_>| {
+            let delivery = msg.delivery();
+            let props = &delivery.properties;
+            self.common_attributes(attrs, msg.state().agent_shared());
+            attrs.push(KeyValue::new(
+                MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
+                queue_value.clone(),
+            ));
+            if temporary {
+                attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+                attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+            }
+            let routing_key = delivery.routing_key.as_str();
+            if !routing_key.is_empty() {
+                attrs.push(KeyValue::new(
+                    MESSAGING_RABBITMQ_ROUTING_KEY,
+                    routing_key.to_owned(),
+                ));
+            }
+            attrs.push(KeyValue::new(
+                MESSAGING_RABBITMQ_DELIVERY_TAG,
+                delivery.delivery_tag as i64,
+            ));
+            if let Some(id) = props.message_id() {
+                attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
+            }
+            if let Some(c) = props.correlation_id() {
+                attrs.push(KeyValue::new(
+                    MESSAGING_MESSAGE_CONVERSATION_ID,
+                    c.as_str().to_owned(),
+                ));
+            }
+            attrs.push(KeyValue::new(
+                MESSAGING_MESSAGE_BODY_SIZE,
+                delivery.data.len() as i64,
+            ));
+            self.payload_attribute(attrs, &delivery.data);
+            let env = msg.envelope();
+            self.envelope_attributes(attrs, &env);
+            if kind == MessageKind::Error {
+                let code = env.error_code().unwrap_or("error").to_owned();
+                attrs.push(KeyValue::new(ERROR_TYPE, code));
+            }
+        };
+        let mut builder = SpanBuilder::from_name(name)
+            .with_kind(SpanKind::Consumer)
+            .with_attributes(attrs);
+        if producer.is_valid() {
+            builder = builder.with_links(vec![Link::with_context(producer)]);
         }
+        let mut span = self.start(builder, &parent);
+        if span.is_recording() {
+            let mut more = Vec::with_capacity(20);
+            details(&mut more, msg);
+            span.set_attributes(more);
+            if kind == MessageKind::Error {
+                span.set_status(Status::error("ai.team.error"));
+            }
+        }
+        let cx = parent.with_span(span);
         // Track COMMANDs awaiting a reply, for stream-style RPC parenting.
         let mut in_flight = None;
         if kind == MessageKind::Command
             && let Some(reply_to) = props.reply_to()
         {
+            let env = msg.envelope();
             let corr = props
                 .correlation_id()
                 .as_ref()
-                .map(|c| c.as_str().to_owned())
-                .or_else(|| props.message_id().as_ref().map(|m| m.as_str().to_owned()))
-                .or(ce_id);
+                .map(|c| c.as_str())
+                .or_else(|| props.message_id().as_ref().map(|m| m.as_str()))
+                .or(env.id());
             if let Some(corr) = corr {
-                in_flight = self.track_command(reply_to.as_str(), &corr, &cx);
+                in_flight = self.track_command(reply_to.as_str(), corr, &cx);
             }
         }
         msg.state_mut().set_context(cx.clone());
