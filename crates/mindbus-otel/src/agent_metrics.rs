@@ -23,6 +23,9 @@
 //!
 //! Telemetry-health counters emitted by the plugin itself:
 //! `mindbus_otel_rejected_contexts_total{reason}`,
+//! `mindbus_otel_dropped_context_members_total{header,direction}`,
+//! `mindbus_otel_injection_skipped_total`,
+//! `mindbus_otel_inbound_baggage_ignored_total`,
 //! `mindbus_otel_label_overflow_total{label}`,
 //! `mindbus_otel_interceptor_panics_total{hook}`,
 //! `mindbus_otel_handler_panics_total`.

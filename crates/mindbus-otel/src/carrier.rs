@@ -10,8 +10,19 @@
 //!
 //! Writing always produces `LongString` values and never writes an empty
 //! value.
+//!
+//! # Bounded reads
+//! Header values come from any client that can publish to the bus, so every
+//! read that feeds a parser is capped: [`HeaderExtractor::lookup_capped`]
+//! compares the value's length with a cap *before* looking at its bytes
+//! (not even UTF-8 validation), so a 10 MiB value costs as much as a short
+//! one. The [`Extractor`] implementation (what a configured
+//! [`TextMapPropagator`](opentelemetry::propagation::TextMapPropagator)
+//! reads through) reads values longer than [`MAX_HEADER_VALUE_LEN`] as
+//! absent. Only [`HeaderExtractor::lookup`] reads a whole value; use it for
+//! trusted headers only.
 
-use crate::w3c::RejectReason;
+use crate::w3c::{MAX_BAGGAGE_LEN, RejectReason};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use opentelemetry::propagation::{Extractor, Injector};
 
@@ -25,6 +36,11 @@ pub enum HeaderValue<'a> {
     /// A header that cannot be read as text (and why).
     Unreadable(RejectReason),
 }
+
+/// Longest header value that the [`Extractor`] implementation of
+/// [`HeaderExtractor`] hands to a propagator: the longest W3C propagation
+/// value ([`MAX_BAGGAGE_LEN`], 8192 bytes). Longer values read as absent.
+pub const MAX_HEADER_VALUE_LEN: usize = MAX_BAGGAGE_LEN;
 
 /// Reads text values from an AMQP header table.
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +63,9 @@ impl<'a> HeaderExtractor<'a> {
     }
 
     /// Looks a header up, telling a missing header from an unreadable one.
+    ///
+    /// Reads (UTF-8 validates) the whole value, however long: for headers
+    /// from untrusted producers use [`lookup_capped`](Self::lookup_capped).
     pub fn lookup(&self, key: &str) -> HeaderValue<'a> {
         match self.raw(key) {
             None => HeaderValue::Missing,
@@ -55,6 +74,30 @@ impl<'a> HeaderExtractor<'a> {
                 Err(reason) => HeaderValue::Unreadable(reason),
             },
         }
+    }
+
+    /// Looks a header up, reading at most `max_len` bytes of it: a text
+    /// value longer than that is `Unreadable(too_long)` without its bytes
+    /// being looked at, so the cost does not depend on the value's length.
+    pub fn lookup_capped(
+        &self,
+        key: &str,
+        max_len: usize,
+        too_long: RejectReason,
+    ) -> HeaderValue<'a> {
+        match self.raw(key) {
+            None => HeaderValue::Missing,
+            Some(value) => match value_text_capped(value, max_len, too_long) {
+                Ok(s) => HeaderValue::Text(s),
+                Err(reason) => HeaderValue::Unreadable(reason),
+            },
+        }
+    }
+
+    /// True when a header by that name (exact, else ASCII
+    /// case-insensitive) exists, whatever its type and length.
+    pub fn contains(&self, key: &str) -> bool {
+        self.raw(key).is_some()
     }
 }
 
@@ -69,9 +112,32 @@ pub fn value_text(value: &AMQPValue) -> Result<&str, RejectReason> {
     std::str::from_utf8(bytes).map_err(|_| RejectReason::NotUtf8)
 }
 
+/// The text of an AMQP value, if it holds UTF-8 text of at most `max_len`
+/// bytes: a type that cannot hold text is `WrongType`; a longer text value
+/// is `Err(too_long)` without its bytes being read (O(1) whatever its
+/// length); then UTF-8 is checked (`NotUtf8`).
+pub fn value_text_capped(
+    value: &AMQPValue,
+    max_len: usize,
+    too_long: RejectReason,
+) -> Result<&str, RejectReason> {
+    let bytes = match value {
+        AMQPValue::LongString(s) => s.as_bytes(),
+        AMQPValue::ShortString(s) => s.as_str().as_bytes(),
+        AMQPValue::ByteArray(b) => b.as_slice(),
+        _ => return Err(RejectReason::WrongType),
+    };
+    if bytes.len() > max_len {
+        return Err(too_long);
+    }
+    std::str::from_utf8(bytes).map_err(|_| RejectReason::NotUtf8)
+}
+
+/// Values longer than [`MAX_HEADER_VALUE_LEN`] read as absent (never
+/// UTF-8-validated), so a propagator never parses more than that.
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        match self.lookup(key) {
+        match self.lookup_capped(key, MAX_HEADER_VALUE_LEN, RejectReason::Oversized) {
             HeaderValue::Text(s) => Some(s),
             _ => None,
         }
@@ -188,5 +254,59 @@ mod tests {
         assert!(!t.contains_key("tracestate"));
         assert_eq!(t.inner().len(), 2);
         assert_eq!(t.inner().get("user"), Some(&AMQPValue::LongLongInt(1)));
+    }
+
+    #[test]
+    fn capped_lookups_check_the_length_before_the_bytes() {
+        let mut huge = vec![b'a'; 10 * 1024 * 1024];
+        huge[0] = 0xff; // not UTF-8: a full read would say NotUtf8
+        let t = table(vec![
+            ("big", AMQPValue::LongString(LongString::from(huge.clone()))),
+            ("bytes", AMQPValue::ByteArray(ByteArray::from(huge))),
+            ("short", AMQPValue::ShortString("abc".into())),
+            ("n", AMQPValue::LongLongInt(7)),
+            ("bad", AMQPValue::LongString(LongString::from(vec![0xff]))),
+        ]);
+        let x = HeaderExtractor::new(Some(&t));
+        let too_long = RejectReason::BaggageOversized;
+        for key in ["big", "bytes", "BIG"] {
+            assert_eq!(
+                x.lookup_capped(key, 8192, too_long),
+                HeaderValue::Unreadable(too_long),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            x.lookup("big"),
+            HeaderValue::Unreadable(RejectReason::NotUtf8)
+        );
+        assert_eq!(
+            x.lookup_capped("short", 3, too_long),
+            HeaderValue::Text("abc")
+        );
+        assert_eq!(
+            x.lookup_capped("short", 2, too_long),
+            HeaderValue::Unreadable(too_long)
+        );
+        assert_eq!(
+            x.lookup_capped("n", 0, too_long),
+            HeaderValue::Unreadable(RejectReason::WrongType)
+        );
+        assert_eq!(
+            x.lookup_capped("bad", 10, too_long),
+            HeaderValue::Unreadable(RejectReason::NotUtf8)
+        );
+        assert_eq!(x.lookup_capped("none", 10, too_long), HeaderValue::Missing);
+        assert!(x.contains("big") && x.contains("N") && !x.contains("none"));
+        // What a propagator reads is capped too.
+        assert_eq!(x.get("big"), None);
+        let ok = "v".repeat(MAX_HEADER_VALUE_LEN);
+        let t = table(vec![
+            ("ok", AMQPValue::LongString(ok.clone().into())),
+            ("over", AMQPValue::LongString(format!("{ok}v").into())),
+        ]);
+        let x = HeaderExtractor::new(Some(&t));
+        assert_eq!(x.get("ok"), Some(ok.as_str()));
+        assert_eq!(x.get("over"), None);
     }
 }

@@ -3,7 +3,10 @@
 //! **Publish**: the message's context (the PRODUCER span when spans are on,
 //! else the caller's current span) is written as `traceparent`, plus
 //! `tracestate` and `baggage` when not empty, as AMQP `LongString` headers.
-//! Every header the caller set is kept.
+//! Every header the caller set is kept. What is written stays within the
+//! W3C limits: `tracestate` and `baggage` members that do not fit or do not
+//! follow the grammar are left out and counted
+//! ([`PropagationStats::outbound_members_dropped`]).
 //!
 //! **Deliver**: the parent is read from the headers (`LongString`,
 //! `ShortString` or `ByteArray` values). When the headers hold no valid
@@ -15,18 +18,47 @@
 //! mistyped or non-UTF-8 trace context is delivered normally with an empty
 //! parent, and the rejection is counted by reason in [`PropagationStats`]
 //! (and in the `mindbus_otel_rejected_contexts_total{reason}` counter of the
-//! `metrics` facade).
+//! `metrics` facade). Every header value is compared with its cap before
+//! any other work (see [`w3c`](crate::w3c) for the limits), so an oversized
+//! value costs the same as a short one.
+//!
+//! # Policies for untrusted peers
+//! - [`TraceContext::accept_inbound_baggage`]`(false)`: inbound `baggage`
+//!   is ignored (not parsed), outbound baggage is still written. For
+//!   consumers of queues that untrusted producers can publish to.
+//! - [`TraceContext::no_inject_on_exchange`] /
+//!   [`TraceContext::no_inject_when`]: no `traceparent`, `tracestate` or
+//!   `baggage` header is written on publishes to the chosen exchanges
+//!   (messages leaving the trust boundary).
+//! - [`TraceContext::baggage`]`(false)`: no baggage in either direction.
+//! - [`TraceContext::cloudevents_fallback`]`(false)`: the body is never
+//!   read for a parent.
 //!
 //! Works with no global propagator installed. Another
 //! [`TextMapPropagator`] can be configured with
 //! [`TraceContext::with_propagator`]; it then does the reading and writing
 //! (rejections are then only counted as `malformed` when a `traceparent`
-//! header was present but the propagator yielded no valid parent).
+//! header was present but the propagator yielded no valid parent, and as
+//! `oversized` / `tracestate_oversized` / `baggage_oversized` for values of
+//! the propagator's fields longer than
+//! [`MAX_HEADER_VALUE_LEN`], which the propagator never sees).
+//!
+//! # Metrics
+//! Through the `metrics` facade, besides the rejections:
+//! `mindbus_otel_injection_skipped_total` (publishes left without trace
+//! context by a no-inject policy), `mindbus_otel_inbound_baggage_ignored_total`
+//! (deliveries whose `baggage` header was ignored by policy) and
+//! `mindbus_otel_dropped_context_members_total{header, direction}`
+//! (`tracestate`/`baggage` list members dropped to stay within the limits,
+//! `direction` = `inbound` or `outbound`).
 
-use crate::carrier::{HeaderExtractor, HeaderInjector, HeaderValue};
+use crate::carrier::{HeaderExtractor, HeaderInjector, HeaderValue, MAX_HEADER_VALUE_LEN};
 use crate::interceptor::Interceptor;
 use crate::message::{IncomingMessage, OutgoingMessage};
-use crate::w3c::{self, BAGGAGE, RejectReason, TRACEPARENT, TRACESTATE};
+use crate::w3c::{
+    self, BAGGAGE, MAX_BAGGAGE_LEN, MAX_TRACEPARENT_LEN, MAX_TRACESTATE_HEADER_LEN, RejectReason,
+    TRACEPARENT, TRACESTATE,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use opentelemetry::Context;
 use opentelemetry::baggage::BaggageExt;
@@ -52,16 +84,26 @@ pub enum ContextSource {
 #[derive(Debug, Default)]
 pub struct PropagationStats {
     injected: AtomicU64,
+    inject_skipped: AtomicU64,
     from_headers: AtomicU64,
     from_body: AtomicU64,
     missing: AtomicU64,
     rejected: [AtomicU64; RejectReason::ALL.len()],
+    baggage_members_dropped: AtomicU64,
+    inbound_baggage_ignored: AtomicU64,
+    outbound_members_dropped: AtomicU64,
 }
 
 impl PropagationStats {
     /// Publishes whose trace context was written into headers.
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
+    }
+    /// Publishes to which no trace context was written because a no-inject
+    /// policy ([`TraceContext::no_inject_on_exchange`],
+    /// [`TraceContext::no_inject_when`]) matched their exchange.
+    pub fn injection_skipped(&self) -> u64 {
+        self.inject_skipped.load(Ordering::Relaxed)
     }
     /// Deliveries whose parent came from the headers.
     pub fn extracted_from_headers(&self) -> u64 {
@@ -86,6 +128,25 @@ impl PropagationStats {
             .map(|c| c.load(Ordering::Relaxed))
             .sum()
     }
+    /// Inbound `baggage` list members dropped because the OpenTelemetry
+    /// `Baggage` holds only [`w3c::MAX_BAGGAGE_KEPT_MEMBERS`] (64) entries
+    /// (each such delivery is also counted once as
+    /// [`RejectReason::BaggageTruncated`]).
+    pub fn baggage_members_dropped(&self) -> u64 {
+        self.baggage_members_dropped.load(Ordering::Relaxed)
+    }
+    /// Deliveries that carried a `baggage` header which was ignored because
+    /// inbound baggage is off ([`TraceContext::accept_inbound_baggage`] or
+    /// [`TraceContext::baggage`]).
+    pub fn inbound_baggage_ignored(&self) -> u64 {
+        self.inbound_baggage_ignored.load(Ordering::Relaxed)
+    }
+    /// Outbound `tracestate`/`baggage` list members (or whole values of a
+    /// configured propagator) left out to stay within the W3C limits and
+    /// grammar.
+    pub fn outbound_members_dropped(&self) -> u64 {
+        self.outbound_members_dropped.load(Ordering::Relaxed)
+    }
 
     fn reject(&self, reason: RejectReason) {
         self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
@@ -101,6 +162,51 @@ impl PropagationStats {
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn members_dropped(&self, header: &'static str, inbound: bool, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let n = n as u64;
+        let (counter, direction) = if inbound {
+            (&self.baggage_members_dropped, "inbound")
+        } else {
+            (&self.outbound_members_dropped, "outbound")
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(
+            "mindbus_otel_dropped_context_members_total",
+            "header" => header,
+            "direction" => direction
+        )
+        .increment(n);
+    }
+
+    fn skipped_injection(&self) {
+        self.inject_skipped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mindbus_otel_injection_skipped_total").increment(1);
+    }
+
+    fn ignored_baggage(&self) {
+        self.inbound_baggage_ignored.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mindbus_otel_inbound_baggage_ignored_total").increment(1);
+    }
+}
+
+type ExchangePredicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Exchanges on which no trace context is written.
+#[derive(Clone, Default)]
+struct NoInject {
+    exchanges: Vec<Box<str>>,
+    predicates: Vec<ExchangePredicate>,
+}
+
+impl NoInject {
+    fn matches(&self, exchange: &str) -> bool {
+        self.exchanges.iter().any(|e| **e == *exchange)
+            || self.predicates.iter().any(|p| p(exchange))
+    }
 }
 
 /// The propagation interceptor: see the [module docs](self).
@@ -108,7 +214,9 @@ impl PropagationStats {
 pub struct TraceContext {
     propagator: Option<Arc<dyn TextMapPropagator + Send + Sync>>,
     baggage: bool,
+    inbound_baggage: bool,
     body_fallback: bool,
+    no_inject: Arc<NoInject>,
     stats: Arc<PropagationStats>,
 }
 
@@ -117,7 +225,9 @@ impl Default for TraceContext {
         TraceContext {
             propagator: None,
             baggage: true,
+            inbound_baggage: true,
             body_fallback: true,
+            no_inject: Arc::default(),
             stats: Arc::default(),
         }
     }
@@ -128,7 +238,10 @@ impl fmt::Debug for TraceContext {
         f.debug_struct("TraceContext")
             .field("propagator", &self.propagator)
             .field("baggage", &self.baggage)
+            .field("inbound_baggage", &self.inbound_baggage)
             .field("body_fallback", &self.body_fallback)
+            .field("no_inject_exchanges", &self.no_inject.exchanges)
+            .field("no_inject_predicates", &self.no_inject.predicates.len())
             .finish()
     }
 }
@@ -149,10 +262,57 @@ impl TraceContext {
         self
     }
 
-    /// Whether W3C `baggage` is written and read (default: true). Turn it
-    /// off for untrusted producers. Applies to the built-in propagator.
+    /// Whether W3C `baggage` is written and read (default: true). Applies
+    /// to the built-in propagator. To keep sending baggage but stop
+    /// trusting it from others, use
+    /// [`accept_inbound_baggage(false)`](Self::accept_inbound_baggage).
     pub fn baggage(mut self, enabled: bool) -> Self {
         self.baggage = enabled;
+        self
+    }
+
+    /// Whether inbound `baggage` is read (default: true). With `false` the
+    /// `baggage` header of deliveries is ignored without being parsed
+    /// (counted in [`PropagationStats::inbound_baggage_ignored`]) and the
+    /// delivery's context carries no baggage; baggage is still written on
+    /// publish. Use it where untrusted producers can publish: baggage is
+    /// arbitrary key/value data that would otherwise flow into this
+    /// process's context and on into everything it publishes.
+    ///
+    /// With a configured propagator, the `baggage` header is hidden from
+    /// it and any baggage it extracts (from other headers) is cleared.
+    pub fn accept_inbound_baggage(mut self, enabled: bool) -> Self {
+        self.inbound_baggage = enabled;
+        self
+    }
+
+    /// Writes no trace context on publishes to `exchange` (exact name;
+    /// `""` is the default exchange; call again for more exchanges): no
+    /// `traceparent`, `tracestate` or `baggage` header is added, for
+    /// messages leaving the trust boundary (e.g. an exchange a partner
+    /// consumes). Each skipped publish is counted in
+    /// [`PropagationStats::injection_skipped`]. Headers the caller set
+    /// itself are left as they are, and so is the body (a CloudEvents
+    /// `traceparent` attribute written by the application is its own).
+    pub fn no_inject_on_exchange(mut self, exchange: impl Into<String>) -> Self {
+        Arc::make_mut(&mut self.no_inject)
+            .exchanges
+            .push(exchange.into().into_boxed_str());
+        self
+    }
+
+    /// Writes no trace context on publishes to any exchange for which
+    /// `predicate` returns true (e.g. `|x| x.starts_with("partner.")`), as
+    /// [`no_inject_on_exchange`](Self::no_inject_on_exchange) does for one
+    /// name. Several predicates and names combine: any match skips. The
+    /// predicate runs on every publish: keep it cheap.
+    pub fn no_inject_when(
+        mut self,
+        predicate: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Arc::make_mut(&mut self.no_inject)
+            .predicates
+            .push(Arc::new(predicate));
         self
     }
 
@@ -175,15 +335,19 @@ impl TraceContext {
         let mut entries: [Option<(&'static str, String)>; 3] = [None, None, None];
         if sc.is_valid() {
             entries[0] = Some((TRACEPARENT, w3c::format_traceparent(sc)));
-            let ts = sc.trace_state().header();
-            if !ts.is_empty() {
-                entries[1] = Some((TRACESTATE, ts));
+            if *sc.trace_state() != TraceState::NONE {
+                let (ts, dropped) = w3c::format_tracestate_limited(sc.trace_state());
+                self.stats.members_dropped(TRACESTATE, false, dropped);
+                if !ts.is_empty() {
+                    entries[1] = Some((TRACESTATE, ts));
+                }
             }
         }
         if self.baggage {
             let b = cx.baggage();
             if !b.is_empty() {
-                let v = w3c::format_baggage(b);
+                let (v, dropped) = w3c::format_baggage_limited(b);
+                self.stats.members_dropped(BAGGAGE, false, dropped);
                 if !v.is_empty() {
                     entries[2] = Some((BAGGAGE, v));
                 }
@@ -200,13 +364,48 @@ impl TraceContext {
         }
     }
 
+    fn inject_custom(
+        &self,
+        propagator: &(dyn TextMapPropagator + Send + Sync),
+        msg: &mut OutgoingMessage<'_>,
+    ) {
+        let mut table = FieldTable::default();
+        propagator.inject_context(msg.state().context(), &mut HeaderInjector(&mut table));
+        if table.contains_key(TRACEPARENT) {
+            self.stats.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        for (k, v) in table.inner() {
+            // Never send a W3C value over its limit, whoever formatted it.
+            let cap = match k.as_str() {
+                TRACEPARENT => MAX_TRACEPARENT_LEN,
+                TRACESTATE => w3c::MAX_TRACESTATE_LEN,
+                BAGGAGE => MAX_BAGGAGE_LEN,
+                _ => usize::MAX,
+            };
+            let len = match v {
+                AMQPValue::LongString(s) => s.len(),
+                _ => 0,
+            };
+            if len > cap {
+                self.stats
+                    .members_dropped(header_label(k.as_str()), false, 1);
+                continue;
+            }
+            msg.set_header(k.clone(), v.clone());
+        }
+    }
+
     fn extract_w3c(&self, msg: &mut IncomingMessage<'_>) -> Context {
         let headers = HeaderExtractor::new(msg.headers());
         let mut parent: Option<(SpanContext, ContextSource)> = None;
-        match headers.lookup(TRACEPARENT) {
+        match headers.lookup_capped(TRACEPARENT, MAX_TRACEPARENT_LEN, RejectReason::Oversized) {
             HeaderValue::Text(tp) => match w3c::parse_traceparent(tp) {
                 Ok(sc) => {
-                    let ts = self.read_tracestate(headers.lookup(TRACESTATE));
+                    let ts = self.read_tracestate(headers.lookup_capped(
+                        TRACESTATE,
+                        MAX_TRACESTATE_HEADER_LEN,
+                        RejectReason::TracestateOversized,
+                    ));
                     parent = Some((with_state(sc, ts), ContextSource::Headers));
                 }
                 Err(reason) => self.stats.reject(reason),
@@ -239,16 +438,30 @@ impl TraceContext {
                 Context::new()
             }
         };
-        if self.baggage {
-            match headers.lookup(BAGGAGE) {
-                HeaderValue::Text(b) => match w3c::parse_baggage(b) {
-                    Ok(baggage) if !baggage.is_empty() => cx = cx.with_baggage(baggage),
-                    Ok(_) => {}
-                    Err(reason) => self.stats.reject(reason),
-                },
-                HeaderValue::Unreadable(_) => self.stats.reject(RejectReason::BaggageMalformed),
-                HeaderValue::Missing => {}
+        if !(self.baggage && self.inbound_baggage) {
+            if headers.contains(BAGGAGE) {
+                self.stats.ignored_baggage();
             }
+            return cx;
+        }
+        match headers.lookup_capped(BAGGAGE, MAX_BAGGAGE_LEN, RejectReason::BaggageOversized) {
+            HeaderValue::Text(b) => match w3c::parse_baggage_counted(b) {
+                Ok(parsed) => {
+                    if parsed.dropped > 0 {
+                        self.stats.reject(RejectReason::BaggageTruncated);
+                        self.stats.members_dropped(BAGGAGE, true, parsed.dropped);
+                    }
+                    if !parsed.baggage.is_empty() {
+                        cx = cx.with_baggage(parsed.baggage);
+                    }
+                }
+                Err(reason) => self.stats.reject(reason),
+            },
+            HeaderValue::Unreadable(RejectReason::BaggageOversized) => {
+                self.stats.reject(RejectReason::BaggageOversized)
+            }
+            HeaderValue::Unreadable(_) => self.stats.reject(RejectReason::BaggageMalformed),
+            HeaderValue::Missing => {}
         }
         cx
     }
@@ -259,6 +472,10 @@ impl TraceContext {
                 self.stats.reject(reason);
                 TraceState::NONE
             }),
+            HeaderValue::Unreadable(RejectReason::TracestateOversized) => {
+                self.stats.reject(RejectReason::TracestateOversized);
+                TraceState::NONE
+            }
             HeaderValue::Unreadable(_) => {
                 self.stats.reject(RejectReason::TracestateMalformed);
                 TraceState::NONE
@@ -273,12 +490,42 @@ impl TraceContext {
         msg: &mut IncomingMessage<'_>,
     ) -> Context {
         let headers = HeaderExtractor::new(msg.headers());
-        let cx = propagator.extract_with_context(&Context::new(), &headers);
+        let carrier = CustomCarrier {
+            headers,
+            hide_baggage: !self.inbound_baggage,
+        };
+        if !self.inbound_baggage && headers.contains(BAGGAGE) {
+            self.stats.ignored_baggage();
+        }
+        // Values over the cap read as absent (the extractor never hands them
+        // over); count them by field.
+        let mut traceparent_oversized = false;
+        for field in propagator.fields() {
+            if carrier.hides(field) {
+                continue;
+            }
+            let too_long = match field {
+                TRACESTATE => RejectReason::TracestateOversized,
+                BAGGAGE => RejectReason::BaggageOversized,
+                _ => RejectReason::Oversized,
+            };
+            if let HeaderValue::Unreadable(r) =
+                headers.lookup_capped(field, MAX_HEADER_VALUE_LEN, too_long)
+                && r == too_long
+            {
+                self.stats.reject(r);
+                traceparent_oversized |= field == TRACEPARENT;
+            }
+        }
+        let mut cx = propagator.extract_with_context(&Context::new(), &carrier);
+        if !self.inbound_baggage && !cx.baggage().is_empty() {
+            cx = cx.with_cleared_baggage();
+        }
         if cx.span().span_context().is_valid() {
             self.stats.source(ContextSource::Headers);
             return cx;
         }
-        if headers.lookup(TRACEPARENT) != HeaderValue::Missing {
+        if !traceparent_oversized && headers.contains(TRACEPARENT) {
             self.stats.reject(RejectReason::Malformed);
         }
         if self.body_fallback {
@@ -301,11 +548,48 @@ impl TraceContext {
     }
 }
 
+/// The `header` label of a W3C header name (anything else: `other`).
+fn header_label(name: &str) -> &'static str {
+    match name {
+        TRACEPARENT => TRACEPARENT,
+        TRACESTATE => TRACESTATE,
+        BAGGAGE => BAGGAGE,
+        _ => "other",
+    }
+}
+
 fn with_state(sc: SpanContext, ts: TraceState) -> SpanContext {
     if ts == TraceState::NONE {
         return sc;
     }
     SpanContext::new(sc.trace_id(), sc.span_id(), sc.trace_flags(), true, ts)
+}
+
+/// The headers as a configured propagator sees them: values capped at
+/// [`MAX_HEADER_VALUE_LEN`], `baggage` hidden when inbound baggage is off.
+struct CustomCarrier<'a> {
+    headers: HeaderExtractor<'a>,
+    hide_baggage: bool,
+}
+
+impl CustomCarrier<'_> {
+    fn hides(&self, key: &str) -> bool {
+        self.hide_baggage && key.eq_ignore_ascii_case(BAGGAGE)
+    }
+}
+
+impl Extractor for CustomCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        if self.hides(key) {
+            return None;
+        }
+        self.headers.get(key)
+    }
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = self.headers.keys();
+        keys.retain(|k| !self.hides(k));
+        keys
+    }
 }
 
 /// The CloudEvents distributed-tracing attributes, as a carrier.
@@ -336,18 +620,13 @@ impl Extractor for BodyExtractor<'_> {
 
 impl Interceptor for TraceContext {
     fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
+        if self.no_inject.matches(msg.exchange()) {
+            self.stats.skipped_injection();
+            return;
+        }
         match &self.propagator {
             None => self.inject_w3c(msg),
-            Some(p) => {
-                let mut table = FieldTable::default();
-                p.inject_context(msg.state().context(), &mut HeaderInjector(&mut table));
-                if table.contains_key(TRACEPARENT) {
-                    self.stats.injected.fetch_add(1, Ordering::Relaxed);
-                }
-                for (k, v) in table.inner() {
-                    msg.set_header(k.clone(), v.clone());
-                }
-            }
+            Some(p) => self.inject_custom(p.as_ref(), msg),
         }
     }
 
@@ -366,7 +645,11 @@ mod tests {
     use crate::interceptor::InterceptorChain;
     use lapin::BasicProperties;
     use lapin::message::Delivery;
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::ByteArray;
+    use opentelemetry::KeyValue;
     use opentelemetry::propagation::Injector;
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -465,5 +748,354 @@ mod tests {
         );
         assert!(!cx.span().span_context().is_valid());
         assert_eq!(tc.stats().rejected(RejectReason::Malformed), 1);
+    }
+
+    /// Runs the publish hooks in `cx` and returns the headers to be sent.
+    fn publish(
+        tc: &TraceContext,
+        cx: Context,
+        exchange: &str,
+        headers: Option<FieldTable>,
+    ) -> FieldTable {
+        let chain = InterceptorChain::new(vec![Arc::new(tc.clone())], None);
+        let _guard = cx.attach();
+        let mut props = BasicProperties::default();
+        if let Some(h) = headers {
+            props = props.with_headers(h);
+        }
+        let (props, _state) =
+            chain.start_publish(exchange, "rk", BasicPublishOptions::default(), b"{}", props);
+        props.headers().clone().unwrap_or_default()
+    }
+
+    /// A sampled remote context with a trace state and two baggage entries.
+    fn full_context() -> Context {
+        let sc = SpanContext::new(
+            TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736u128),
+            SpanId::from(0x00f0_67aa_0ba9_02b7u64),
+            TraceFlags::SAMPLED,
+            true,
+            w3c::parse_tracestate("rojo=1,congo=2").expect("valid"),
+        );
+        Context::new()
+            .with_remote_span_context(sc)
+            .with_baggage([KeyValue::new("user", "u1"), KeyValue::new("tenant", "t1")])
+    }
+
+    fn header_keys(t: &FieldTable) -> Vec<&str> {
+        t.inner().keys().map(ShortString::as_str).collect()
+    }
+
+    fn long(s: impl Into<Vec<u8>>) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s.into()))
+    }
+
+    /// Headers, one entry each.
+    fn headers(entries: Vec<(&str, AMQPValue)>) -> Option<FieldTable> {
+        let mut t = FieldTable::default();
+        for (k, v) in entries {
+            t.insert(k.into(), v);
+        }
+        Some(t)
+    }
+
+    /// Runs `f` with a Prometheus recorder and returns what it rendered.
+    fn with_metrics(f: impl FnOnce()) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, f);
+        handle.render()
+    }
+
+    #[test]
+    fn oversized_values_are_rejected_by_length_before_their_bytes_are_read() {
+        // 10 MiB values that are not even UTF-8: the reason is the size,
+        // which proves the length was checked first.
+        let mut huge = vec![b'a'; 10 * 1024 * 1024];
+        huge[1] = 0xff;
+        let tc = TraceContext::default();
+        let text = with_metrics(|| {
+            let cx = deliver(
+                &tc,
+                headers(vec![
+                    ("traceparent", long(TP)),
+                    ("tracestate", long(huge.clone())),
+                    (
+                        "baggage",
+                        AMQPValue::ByteArray(ByteArray::from(huge.clone())),
+                    ),
+                ]),
+                b"",
+            );
+            assert!(
+                cx.span().span_context().is_valid(),
+                "traceparent still used"
+            );
+            assert_eq!(*cx.span().span_context().trace_state(), TraceState::NONE);
+            assert!(cx.baggage().is_empty());
+            let cx = deliver(&tc, headers(vec![("traceparent", long(huge.clone()))]), b"");
+            assert!(!cx.span().span_context().is_valid());
+        });
+        let s = tc.stats();
+        assert_eq!(s.rejected(RejectReason::TracestateOversized), 1);
+        assert_eq!(s.rejected(RejectReason::BaggageOversized), 1);
+        assert_eq!(s.rejected(RejectReason::Oversized), 1);
+        assert_eq!(s.rejected(RejectReason::NotUtf8), 0);
+        assert_eq!(s.rejected_total(), 3);
+        for reason in ["tracestate_oversized", "baggage_oversized", "oversized"] {
+            let line = format!("mindbus_otel_rejected_contexts_total{{reason=\"{reason}\"}} 1");
+            assert!(text.contains(&line), "{line} not in {text}");
+        }
+    }
+
+    #[test]
+    fn values_at_the_caps_are_read() {
+        let tc = TraceContext::default();
+        let ts = (0..32).map(|i| format!("k{i}=v")).collect::<Vec<_>>();
+        let bag = format!("k={}", "v".repeat(w3c::MAX_BAGGAGE_LEN - 2));
+        let cx = deliver(
+            &tc,
+            headers(vec![
+                ("traceparent", long(format!("{TP}{}", " ".repeat(200)))),
+                ("tracestate", long(ts.join(" , "))),
+                ("baggage", long(bag)),
+            ]),
+            b"",
+        );
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid());
+        assert_eq!(sc.trace_state().get("k31"), Some("v"));
+        assert_eq!(cx.baggage().len(), 1);
+        assert_eq!(tc.stats().rejected_total(), 0);
+    }
+
+    #[test]
+    fn baggage_past_64_members_is_truncated_and_counted() {
+        let tc = TraceContext::default();
+        let bag = (0..100)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let text = with_metrics(|| {
+            let cx = deliver(&tc, headers(vec![("baggage", long(bag))]), b"");
+            assert_eq!(cx.baggage().len(), 64);
+            assert!(cx.baggage().get("k0").is_some() && cx.baggage().get("k64").is_none());
+        });
+        assert_eq!(tc.stats().rejected(RejectReason::BaggageTruncated), 1);
+        assert_eq!(tc.stats().baggage_members_dropped(), 36);
+        assert!(
+            text.contains("mindbus_otel_rejected_contexts_total{reason=\"baggage_truncated\"} 1")
+        );
+        assert!(text.contains(
+            "mindbus_otel_dropped_context_members_total{header=\"baggage\",direction=\"inbound\"} 36"
+        ), "{text}");
+        // 181 members: the whole value is dropped.
+        let bag = (0..181)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cx = deliver(&tc, headers(vec![("baggage", long(bag))]), b"");
+        assert!(cx.baggage().is_empty());
+        assert_eq!(tc.stats().rejected(RejectReason::BaggageOversized), 1);
+    }
+
+    #[test]
+    fn inbound_baggage_can_be_refused_while_outbound_is_kept() {
+        let tc = TraceContext::default().accept_inbound_baggage(false);
+        let text = with_metrics(|| {
+            for bag in [long("k=v"), long("=malformed"), long(vec![0xff; 100_000])] {
+                let cx = deliver(
+                    &tc,
+                    headers(vec![("traceparent", long(TP)), ("baggage", bag)]),
+                    b"",
+                );
+                assert!(cx.span().span_context().is_valid());
+                assert!(cx.baggage().is_empty());
+            }
+            deliver(&tc, headers(vec![("traceparent", long(TP))]), b"");
+        });
+        assert_eq!(tc.stats().inbound_baggage_ignored(), 3);
+        assert_eq!(
+            tc.stats().rejected_total(),
+            0,
+            "not parsed, so not rejected"
+        );
+        assert!(
+            text.contains("mindbus_otel_inbound_baggage_ignored_total 3"),
+            "{text}"
+        );
+        // Outbound baggage is still written.
+        let sent = publish(&tc, full_context(), "mindbus.main", None);
+        assert_eq!(
+            sent.inner().get("baggage"),
+            Some(&long("tenant=t1,user=u1"))
+        );
+        // baggage(false) turns off both directions (and counts ignored ones).
+        let off = TraceContext::default().baggage(false);
+        let cx = deliver(&off, headers(vec![("baggage", long("k=v"))]), b"");
+        assert!(cx.baggage().is_empty());
+        assert_eq!(off.stats().inbound_baggage_ignored(), 1);
+        assert!(!publish(&off, full_context(), "x", None).contains_key("baggage"));
+    }
+
+    #[test]
+    fn no_injection_on_exchanges_leaving_the_trust_boundary() {
+        let tc = TraceContext::default()
+            .no_inject_on_exchange("partner.out")
+            .no_inject_on_exchange(String::from("audit"));
+        let mut own = FieldTable::default();
+        own.insert("x-app".into(), long("kept"));
+        let text = with_metrics(|| {
+            for exchange in ["partner.out", "audit"] {
+                let sent = publish(&tc, full_context(), exchange, Some(own.clone()));
+                assert_eq!(header_keys(&sent), vec!["x-app"], "{exchange}");
+            }
+            // Without caller headers, no header table at all is added.
+            let sent = publish(&tc, full_context(), "partner.out", None);
+            assert!(sent.inner().is_empty());
+        });
+        assert_eq!(tc.stats().injection_skipped(), 3);
+        assert_eq!(tc.stats().injected(), 0);
+        assert!(
+            text.contains("mindbus_otel_injection_skipped_total 3"),
+            "{text}"
+        );
+        // Exact names only; other exchanges get the full context.
+        for exchange in ["partner.out.2", "partner", "", "mindbus.main"] {
+            let sent = publish(&tc, full_context(), exchange, Some(own.clone()));
+            assert_eq!(
+                header_keys(&sent),
+                vec!["baggage", "traceparent", "tracestate", "x-app"],
+                "{exchange:?}"
+            );
+        }
+        assert_eq!(tc.stats().injected(), 4);
+        assert_eq!(tc.stats().injection_skipped(), 3);
+    }
+
+    #[test]
+    fn no_injection_by_predicate_also_for_a_configured_propagator() {
+        let tc = TraceContext::default()
+            .with_propagator(XTrace(vec!["x-trace-id".into()]))
+            .no_inject_when(|x| x.starts_with("partner."));
+        assert!(
+            publish(&tc, full_context(), "partner.eu", None)
+                .inner()
+                .is_empty()
+        );
+        let sent = publish(&tc, full_context(), "mindbus.main", None);
+        assert_eq!(header_keys(&sent), vec!["x-trace-id"]);
+        assert_eq!(tc.stats().injection_skipped(), 1);
+        // The default exchange can be excluded by name.
+        let tc = TraceContext::default().no_inject_on_exchange("");
+        assert!(publish(&tc, full_context(), "", None).inner().is_empty());
+        assert!(
+            !publish(&tc, full_context(), "amq.direct", None)
+                .inner()
+                .is_empty()
+        );
+        assert!(format!("{tc:?}").contains("no_inject_exchanges: [\"\"]"));
+    }
+
+    #[test]
+    fn outbound_values_stay_within_the_limits() {
+        // A trace state the API accepts but the W3C grammar does not, and
+        // baggage whose encoding would exceed 8192 bytes.
+        let sc = SpanContext::new(
+            TraceId::from(1u128),
+            SpanId::from(1u64),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::from_key_value([("ok", "1"), ("bad", "caf\u{e9}")]).expect("API-valid"),
+        );
+        let mut bag = opentelemetry::baggage::Baggage::new();
+        for k in ["a", "b", "c", "d"] {
+            bag.insert(k, " ".repeat(1000));
+        }
+        let cx = Context::new()
+            .with_remote_span_context(sc)
+            .with_baggage(bag);
+        let tc = TraceContext::default();
+        let text = with_metrics(|| {
+            let sent = publish(&tc, cx, "x", None);
+            assert_eq!(sent.inner().get("tracestate"), Some(&long("ok=1")));
+            let Some(AMQPValue::LongString(b)) = sent.inner().get("baggage") else {
+                panic!("baggage written");
+            };
+            assert!(b.len() <= w3c::MAX_BAGGAGE_LEN);
+        });
+        assert_eq!(tc.stats().outbound_members_dropped(), 3);
+        assert!(text.contains(
+            "mindbus_otel_dropped_context_members_total{header=\"tracestate\",direction=\"outbound\"} 1"
+        ), "{text}");
+    }
+
+    /// A propagator that writes whatever it is given.
+    #[derive(Debug)]
+    struct Verbatim(Vec<String>);
+
+    impl TextMapPropagator for Verbatim {
+        fn inject_context(&self, _: &Context, injector: &mut dyn Injector) {
+            injector.set("traceparent", "0".repeat(MAX_TRACEPARENT_LEN + 1));
+            injector.set("x-other", "y".repeat(100_000));
+        }
+        fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+            // Reads its baggage from any header it can see.
+            let mut cx = cx.clone();
+            if let Some(v) = extractor.get("baggage") {
+                cx = cx.with_baggage([KeyValue::new("from-baggage", v.to_owned())]);
+            }
+            if let Some(v) = extractor.get("x-bag") {
+                cx = cx.with_baggage([KeyValue::new("from-x-bag", v.to_owned())]);
+            }
+            cx
+        }
+        fn fields(&self) -> opentelemetry::propagation::text_map_propagator::FieldIter<'_> {
+            opentelemetry::propagation::text_map_propagator::FieldIter::new(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_configured_propagator_sees_capped_values_and_the_policies() {
+        let fields = vec!["traceparent".into(), "baggage".into(), "x-bag".into()];
+        let tc = TraceContext::default().with_propagator(Verbatim(fields.clone()));
+        let over = "v".repeat(MAX_HEADER_VALUE_LEN + 1);
+        let cx = deliver(
+            &tc,
+            headers(vec![
+                ("traceparent", long(over.clone())),
+                ("baggage", long(over.clone())),
+                ("x-bag", long("ok")),
+            ]),
+            b"",
+        );
+        assert!(
+            cx.baggage().get("from-baggage").is_none(),
+            "never handed over"
+        );
+        assert!(cx.baggage().get("from-x-bag").is_some());
+        assert_eq!(tc.stats().rejected(RejectReason::Oversized), 1);
+        assert_eq!(tc.stats().rejected(RejectReason::BaggageOversized), 1);
+        assert_eq!(
+            tc.stats().rejected(RejectReason::Malformed),
+            0,
+            "counted once"
+        );
+        // Inbound baggage off: hidden from the propagator, and any baggage
+        // it finds elsewhere is cleared.
+        let tc = TraceContext::default()
+            .with_propagator(Verbatim(fields))
+            .accept_inbound_baggage(false);
+        let cx = deliver(
+            &tc,
+            headers(vec![("baggage", long("k=v")), ("x-bag", long("ok"))]),
+            b"",
+        );
+        assert!(cx.baggage().is_empty());
+        assert_eq!(tc.stats().inbound_baggage_ignored(), 1);
+        // What it writes over a W3C limit is not sent; other headers are.
+        let sent = publish(&tc, full_context(), "x", None);
+        assert_eq!(header_keys(&sent), vec!["x-other"]);
+        assert_eq!(tc.stats().outbound_members_dropped(), 1);
     }
 }

@@ -302,7 +302,7 @@ impl MessagingSpans {
         ];
         for (k, v) in shared {
             if let Some(v) = v {
-                attrs.push(KeyValue::new(k, names.value(v)));
+                attrs.push(KeyValue::new(k, names.value(cap(v))));
             }
         }
         for (k, v) in [
@@ -310,7 +310,7 @@ impl MessagingSpans {
             (CLOUDEVENTS_EVENT_SUBJECT, env.subject()),
         ] {
             if let Some(v) = v {
-                attrs.push(KeyValue::new(k, v.to_owned()));
+                attrs.push(KeyValue::new(k, cap(v).to_owned()));
             }
         }
     }
@@ -361,6 +361,22 @@ impl MessagingSpans {
             map.remove(&key);
         }
     }
+}
+
+/// Longest attribute value taken from a message body: producers are not
+/// trusted to keep ids and names short.
+pub const MAX_BODY_ATTRIBUTE_LEN: usize = 256;
+
+/// `value` cut to [`MAX_BODY_ATTRIBUTE_LEN`] bytes at a character boundary.
+fn cap(value: &str) -> &str {
+    if value.len() <= MAX_BODY_ATTRIBUTE_LEN {
+        return value;
+    }
+    let mut end = MAX_BODY_ATTRIBUTE_LEN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
 }
 
 /// `to`, with the baggage of `from` (baggage travels with the message even
@@ -602,7 +618,7 @@ impl Interceptor for MessagingSpans {
             let env = msg.envelope();
             self.envelope_attributes(attrs, &env);
             if kind == MessageKind::Error {
-                let code = env.error_code().unwrap_or("error").to_owned();
+                let code = cap(env.error_code().unwrap_or("error")).to_owned();
                 attrs.push(KeyValue::new(ERROR_TYPE, code));
             }
         };
@@ -735,7 +751,7 @@ impl Interceptor for MessagingSpans {
             let env = msg.envelope();
             self.envelope_attributes(attrs, &env);
             if kind == MessageKind::Error {
-                let code = env.error_code().unwrap_or("error").to_owned();
+                let code = cap(env.error_code().unwrap_or("error")).to_owned();
                 attrs.push(KeyValue::new(ERROR_TYPE, code));
             }
         };
@@ -827,5 +843,37 @@ impl Interceptor for MessagingSpans {
             set_error(&cx, lapin_error_type(error), error.to_string());
         }
         self.end(&cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_values_are_capped_on_a_char_boundary() {
+        assert_eq!(cap("short"), "short");
+        let long = "é".repeat(300);
+        let c = cap(&long);
+        assert!(c.len() <= MAX_BODY_ATTRIBUTE_LEN && c.len() >= MAX_BODY_ATTRIBUTE_LEN - 1);
+        assert!(long.starts_with(c));
+    }
+
+    #[test]
+    fn names_are_low_cardinality_and_bounded() {
+        let names = NameCache::new();
+        let (n, _, temp) = names.get(Op::Process, "amq.gen-abc123");
+        assert_eq!((n.as_ref(), temp), ("process (temporary)", true));
+        let (n, _, _) = names.get(Op::Publish, "");
+        assert_eq!(n.as_ref(), "publish (default)");
+        let (a, _, _) = names.get(Op::Publish, "mindbus.main");
+        let (b, _, _) = names.get(Op::Publish, "mindbus.main");
+        assert!(matches!((a, b), (Cow::Borrowed(x), Cow::Borrowed(y)) if std::ptr::eq(x, y)));
+        for i in 0..(MAX_CACHED_NAMES + 10) {
+            let _ = names.get(Op::Process, &format!("q{i}"));
+        }
+        assert!(names.cached.load(Ordering::Relaxed) <= MAX_CACHED_NAMES);
+        let (n, _, _) = names.get(Op::Process, "one-more");
+        assert_eq!(n.as_ref(), "process one-more");
     }
 }

@@ -3,16 +3,38 @@
 //!
 //! The OpenTelemetry SDK propagators return the parent context when a value
 //! is invalid, which is right, but they cannot say *why*; we count rejections
-//! by reason, so we parse ourselves. Limits follow the specifications:
-//! `tracestate` at most [`MAX_TRACESTATE_MEMBERS`] members and
-//! [`MAX_TRACESTATE_LEN`] characters, `baggage` at most
-//! [`MAX_BAGGAGE_MEMBERS`] members and [`MAX_BAGGAGE_LEN`] bytes.
+//! by reason, so we parse ourselves.
+//!
+//! # Limits
+//! Every inbound value is first compared with a length cap (before any other
+//! work), then split and counted, then checked against the grammar, so the
+//! cost of a value is bounded by its cap, not by its length.
+//!
+//! | value | limit | over the limit |
+//! |---|---|---|
+//! | `traceparent` | [`MAX_TRACEPARENT_LEN`] = 256 bytes (version 00 is 55) | rejected, [`RejectReason::Oversized`] |
+//! | `tracestate` raw header | [`MAX_TRACESTATE_HEADER_LEN`] = 1024 bytes (with OWS and empty members) | dropped, [`RejectReason::TracestateOversized`] |
+//! | `tracestate` list members | [`MAX_TRACESTATE_MEMBERS`] = 32 | dropped, `TracestateOversized` |
+//! | `tracestate` combined length | [`MAX_TRACESTATE_LEN`] = 512 characters, members joined by `,`, OWS not counted | dropped, `TracestateOversized` |
+//! | `tracestate` key / value | 256 / 256 characters (W3C grammar) | dropped, `TracestateMalformed` |
+//! | `baggage` header | [`MAX_BAGGAGE_LEN`] = 8192 bytes | dropped, [`RejectReason::BaggageOversized`] |
+//! | `baggage` list members | [`MAX_BAGGAGE_MEMBERS`] = 180 | dropped, `BaggageOversized` |
+//! | `baggage` entries kept | [`MAX_BAGGAGE_KEPT_MEMBERS`] = 64 distinct keys (what the OpenTelemetry `Baggage` holds) | the first 64 kept, the others dropped and counted, [`RejectReason::BaggageTruncated`] |
+//!
+//! A rejected `tracestate` or `baggage` never invalidates the `traceparent`.
+//! The W3C Baggage specification requires every member to be propagated
+//! only up to 64 members and 8192 bytes and lets a platform drop members
+//! beyond that; the OpenTelemetry API's `Baggage` silently keeps 64 entries,
+//! so [`parse_baggage_counted`] keeps the first 64 distinct keys (in header
+//! order) and reports how many members it dropped.
+//!
+//! Outbound, [`format_tracestate_limited`] and [`format_baggage_limited`]
+//! never write a value over these limits nor a member that does not follow
+//! the grammar: they drop members (and say how many) instead.
 
-use opentelemetry::baggage::{Baggage, BaggageMetadata};
+use opentelemetry::baggage::Baggage;
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-use opentelemetry::{Key, StringValue};
 use std::fmt::Write as _;
-use std::str::FromStr;
 
 /// Header (and CloudEvents attribute) name of the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
@@ -26,15 +48,28 @@ pub const BAGGAGE: &str = "baggage";
 pub const MAX_TRACEPARENT_LEN: usize = 256;
 /// W3C Trace Context: at most 32 list members in `tracestate`.
 pub const MAX_TRACESTATE_MEMBERS: usize = 32;
-/// W3C Trace Context: `tracestate` values longer than 512 characters may be
-/// discarded; we discard them.
+/// W3C Trace Context: vendors must propagate at least 512 characters of
+/// `tracestate` (list members joined by commas, optional white space not
+/// counted) and may discard a longer one; we discard it (inbound) or
+/// truncate it the W3C way (outbound).
 pub const MAX_TRACESTATE_LEN: usize = 512;
-/// W3C Baggage: at most 180 list members.
+/// Longest raw `tracestate` header value we look at, optional white space
+/// and empty list members included: a longer value is rejected as
+/// oversized before it is split.
+pub const MAX_TRACESTATE_HEADER_LEN: usize = 1024;
+/// W3C Trace Context: outbound truncation removes members longer than this
+/// first, then members from the end.
+pub const TRACESTATE_TRUNCATE_FIRST_LEN: usize = 128;
+/// W3C Baggage: at most 180 list members (the grammar's limit).
 pub const MAX_BAGGAGE_MEMBERS: usize = 180;
 /// W3C Baggage: at most 8192 bytes.
 pub const MAX_BAGGAGE_LEN: usize = 8192;
+/// Entries the OpenTelemetry API's `Baggage` holds (`MAX_KEY_VALUE_PAIRS`
+/// in opentelemetry 0.33), and the W3C Baggage "must propagate" member
+/// count. Members beyond it are dropped and counted.
+pub const MAX_BAGGAGE_KEPT_MEMBERS: usize = 64;
 
-/// Why an inbound trace-context value was not used.
+/// Why an inbound trace-context value was not used (or not used whole).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RejectReason {
@@ -55,11 +90,16 @@ pub enum RejectReason {
     BaggageMalformed,
     /// `baggage` over the W3C limits: dropped.
     BaggageOversized,
+    /// `baggage` with more distinct keys than the
+    /// [`MAX_BAGGAGE_KEPT_MEMBERS`] (64) that the OpenTelemetry API holds:
+    /// the first 64 are used, the others dropped (counted one by one in
+    /// [`PropagationStats::baggage_members_dropped`](crate::PropagationStats::baggage_members_dropped)).
+    BaggageTruncated,
 }
 
 impl RejectReason {
     /// Every reason, in a stable order.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Malformed,
         RejectReason::Oversized,
         RejectReason::NotUtf8,
@@ -68,6 +108,7 @@ impl RejectReason {
         RejectReason::TracestateOversized,
         RejectReason::BaggageMalformed,
         RejectReason::BaggageOversized,
+        RejectReason::BaggageTruncated,
     ];
 
     /// The label used in metrics and logs.
@@ -81,6 +122,7 @@ impl RejectReason {
             RejectReason::TracestateOversized => "tracestate_oversized",
             RejectReason::BaggageMalformed => "baggage_malformed",
             RejectReason::BaggageOversized => "baggage_oversized",
+            RejectReason::BaggageTruncated => "baggage_truncated",
         }
     }
 
@@ -88,7 +130,6 @@ impl RejectReason {
         self as usize
     }
 }
-
 fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -154,31 +195,148 @@ pub fn format_traceparent(cx: &SpanContext) -> String {
     s
 }
 
-/// Parses a `tracestate` value within the W3C limits.
-pub fn parse_tracestate(value: &str) -> Result<TraceState, RejectReason> {
-    if value.len() > MAX_TRACESTATE_LEN {
-        return Err(RejectReason::TracestateOversized);
-    }
-    let members = value.split(',').filter(|m| !m.trim().is_empty()).count();
-    if members > MAX_TRACESTATE_MEMBERS {
-        return Err(RejectReason::TracestateOversized);
-    }
-    if members == 0 {
-        return Ok(TraceState::NONE);
-    }
-    // Every member must be key=value; the API validates keys and values.
-    let normalised: Vec<&str> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .collect();
-    if normalised.iter().any(|m| !m.contains('=')) {
-        return Err(RejectReason::TracestateMalformed);
-    }
-    TraceState::from_str(&normalised.join(",")).map_err(|_| RejectReason::TracestateMalformed)
+/// Optional white space of the W3C list grammars: spaces and tabs.
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
 }
 
+/// The non-empty list members of a comma-separated header value.
+fn list_members(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(trim_ows).filter(|m| !m.is_empty())
+}
+
+/// A `tracestate` character after the first: `lcalpha / DIGIT / "_" / "-" / "*" / "/"`.
+fn ts_key_char(c: u8) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/')
+}
+
+/// W3C Trace Context `key`: a simple key (lowercase letter first, at most
+/// 256 characters) or `tenant@system` (tenant at most 241 characters
+/// starting with a lowercase letter or digit, system at most 14 starting
+/// with a lowercase letter).
+fn is_tracestate_key(key: &str) -> bool {
+    let rest_ok = |b: &[u8]| b.iter().all(|&c| ts_key_char(c));
+    match key.split_once('@') {
+        None => {
+            let b = key.as_bytes();
+            matches!(b.first(), Some(c) if c.is_ascii_lowercase()) && b.len() <= 256 && rest_ok(b)
+        }
+        Some((tenant, system)) => {
+            let (t, s) = (tenant.as_bytes(), system.as_bytes());
+            matches!(t.first(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+                && t.len() <= 241
+                && rest_ok(t)
+                && matches!(s.first(), Some(c) if c.is_ascii_lowercase())
+                && s.len() <= 14
+                && rest_ok(s)
+        }
+    }
+}
+
+/// W3C Trace Context `value`: 1 to 256 printable ASCII characters except
+/// `,` and `=`, spaces allowed but not last.
+fn is_tracestate_value(value: &str) -> bool {
+    let nblk = |c: u8| matches!(c, 0x21..=0x2B | 0x2D..=0x3C | 0x3E..=0x7E);
+    let b = value.as_bytes();
+    b.len() <= 256
+        && b.iter().all(|&c| c == b' ' || nblk(c))
+        && matches!(b.last(), Some(&c) if nblk(c))
+}
+
+/// Parses a `tracestate` value within the W3C limits (see the
+/// [module docs](self)).
+///
+/// Empty and white-space-only list members are allowed and skipped. Size
+/// is checked first (raw length, then member count and combined length:
+/// [`RejectReason::TracestateOversized`]), then the grammar: every member
+/// `key=value` with a valid key and value and no key twice
+/// ([`RejectReason::TracestateMalformed`]). A rejected value is dropped
+/// whole, as the W3C test suite expects.
+pub fn parse_tracestate(value: &str) -> Result<TraceState, RejectReason> {
+    if value.len() > MAX_TRACESTATE_HEADER_LEN {
+        return Err(RejectReason::TracestateOversized);
+    }
+    let (mut count, mut combined) = (0usize, 0usize);
+    for m in list_members(value) {
+        count += 1;
+        combined += m.len();
+    }
+    combined += count.saturating_sub(1);
+    if count > MAX_TRACESTATE_MEMBERS || combined > MAX_TRACESTATE_LEN {
+        return Err(RejectReason::TracestateOversized);
+    }
+    if count == 0 {
+        return Ok(TraceState::NONE);
+    }
+    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(count);
+    for m in list_members(value) {
+        let (k, v) = m.split_once('=').ok_or(RejectReason::TracestateMalformed)?;
+        if !is_tracestate_key(k) || !is_tracestate_value(v) || pairs.iter().any(|(pk, _)| *pk == k)
+        {
+            return Err(RejectReason::TracestateMalformed);
+        }
+        pairs.push((k, v));
+    }
+    TraceState::from_key_value(pairs).map_err(|_| RejectReason::TracestateMalformed)
+}
+
+/// Formats a trace state as a `tracestate` header value within the W3C
+/// limits, and says how many members it left out.
+///
+/// Members that do not follow the W3C grammar (the OpenTelemetry API is
+/// laxer: it accepts e.g. non-ASCII values) and members past the 32nd are
+/// left out. When the rest is longer than [`MAX_TRACESTATE_LEN`], members
+/// longer than [`TRACESTATE_TRUNCATE_FIRST_LEN`] are removed first, from
+/// the end, then members from the end, as the specification recommends.
+pub fn format_tracestate_limited(ts: &TraceState) -> (String, usize) {
+    let mut dropped = 0;
+    let mut members: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in ts {
+        let ok = is_tracestate_key(k)
+            && is_tracestate_value(v)
+            && members.len() < MAX_TRACESTATE_MEMBERS
+            && !members.iter().any(|(pk, _)| *pk == k);
+        if ok {
+            members.push((k, v));
+        } else {
+            dropped += 1;
+        }
+    }
+    let member_len = |(k, v): &(&str, &str)| k.len() + 1 + v.len();
+    let mut total = members.iter().map(member_len).sum::<usize>() + members.len().saturating_sub(1);
+    let mut i = members.len();
+    while total > MAX_TRACESTATE_LEN && i > 0 {
+        i -= 1;
+        let len = member_len(&members[i]);
+        if len > TRACESTATE_TRUNCATE_FIRST_LEN {
+            members.remove(i);
+            total -= len + usize::from(!members.is_empty());
+            dropped += 1;
+        }
+    }
+    while total > MAX_TRACESTATE_LEN {
+        let Some(last) = members.pop() else { break };
+        total -= member_len(&last) + usize::from(!members.is_empty());
+        dropped += 1;
+    }
+    let mut out = String::with_capacity(total);
+    for (k, v) in &members {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
+    (out, dropped)
+}
+
+/// Decodes `%XX` escapes; `None` for a `%` not followed by two hex digits.
+/// Decoded bytes that are not UTF-8 become U+FFFD, as W3C Baggage requires.
 fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_owned());
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -193,55 +351,124 @@ fn percent_decode(s: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    Some(match String::from_utf8(out) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 fn hex_val_any(b: u8) -> Option<u8> {
     hex_val(b.to_ascii_lowercase())
 }
 
+/// An RFC 7230 `token` (what W3C Baggage keys are).
 fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&c))
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
-/// Parses a `baggage` value within the W3C limits.
-pub fn parse_baggage(value: &str) -> Result<Baggage, RejectReason> {
+/// W3C Baggage `baggage-octet`: printable ASCII except `"`, `,`, `;`, `\`.
+fn is_baggage_octet(c: u8) -> bool {
+    matches!(c, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+/// Validates `;`-separated W3C Baggage properties (`key` or
+/// `key=value`, values not decoded) and returns them normalised (no white
+/// space, empty properties skipped), or `None` when one is malformed.
+fn normalise_properties(props: &str) -> Option<String> {
+    let mut out = String::new();
+    for p in props.split(';').map(trim_ows).filter(|p| !p.is_empty()) {
+        let (k, v) = match p.split_once('=') {
+            Some((k, v)) => (trim_ows(k), Some(trim_ows(v))),
+            None => (p, None),
+        };
+        if !is_token(k) || !v.is_none_or(|v| v.bytes().all(is_baggage_octet)) {
+            return None;
+        }
+        if !out.is_empty() {
+            out.push(';');
+        }
+        out.push_str(k);
+        if let Some(v) = v {
+            out.push('=');
+            out.push_str(v);
+        }
+    }
+    Some(out)
+}
+
+/// A parsed `baggage` header and how many of its members were not kept.
+#[derive(Debug, Default)]
+pub struct ParsedBaggage {
+    /// The entries kept: the first [`MAX_BAGGAGE_KEPT_MEMBERS`] distinct
+    /// keys, in header order (a repeated key: the last value wins).
+    pub baggage: Baggage,
+    /// List members dropped because the `Baggage` was full.
+    pub dropped: usize,
+}
+
+/// Parses a `baggage` value within the W3C limits and says how many
+/// members did not fit in the OpenTelemetry `Baggage` (see the
+/// [module docs](self)).
+///
+/// Size is checked first: more than [`MAX_BAGGAGE_LEN`] bytes or
+/// [`MAX_BAGGAGE_MEMBERS`] members is [`RejectReason::BaggageOversized`].
+/// Then every member must be `key=value` with optional `;`-separated
+/// properties: key an RFC 7230 token, value made of W3C `baggage-octet`s
+/// with valid `%XX` escapes, else [`RejectReason::BaggageMalformed`] and
+/// the whole value is dropped. Empty list members are skipped. Escapes
+/// that decode to invalid UTF-8 become U+FFFD.
+pub fn parse_baggage_counted(value: &str) -> Result<ParsedBaggage, RejectReason> {
     if value.len() > MAX_BAGGAGE_LEN {
         return Err(RejectReason::BaggageOversized);
     }
-    let mut entries: Vec<(Key, (StringValue, BaggageMetadata))> = Vec::new();
-    for member in value.split(',') {
-        let member = member.trim();
-        if member.is_empty() {
-            continue;
-        }
-        if entries.len() == MAX_BAGGAGE_MEMBERS {
-            return Err(RejectReason::BaggageOversized);
-        }
+    if list_members(value).nth(MAX_BAGGAGE_MEMBERS).is_some() {
+        return Err(RejectReason::BaggageOversized);
+    }
+    let mut parsed = ParsedBaggage::default();
+    for member in list_members(value) {
         let (kv, props) = match member.split_once(';') {
-            Some((kv, props)) => (kv, props.trim()),
-            None => (member, ""),
+            Some((kv, props)) => (kv, Some(props)),
+            None => (member, None),
         };
         let (k, v) = kv.split_once('=').ok_or(RejectReason::BaggageMalformed)?;
-        let k = k.trim();
-        if !is_token(k) {
+        let (k, v) = (trim_ows(k), trim_ows(v));
+        if !is_token(k) || !v.bytes().all(is_baggage_octet) {
             return Err(RejectReason::BaggageMalformed);
         }
-        let v = percent_decode(v.trim()).ok_or(RejectReason::BaggageMalformed)?;
-        entries.push((
-            Key::new(k.to_owned()),
-            (StringValue::from(v), BaggageMetadata::from(props)),
-        ));
+        let v = percent_decode(v).ok_or(RejectReason::BaggageMalformed)?;
+        let meta = match props {
+            Some(p) => normalise_properties(p).ok_or(RejectReason::BaggageMalformed)?,
+            None => String::new(),
+        };
+        let baggage = &mut parsed.baggage;
+        let is_new = baggage.get(k).is_none();
+        if is_new && baggage.len() >= MAX_BAGGAGE_KEPT_MEMBERS {
+            parsed.dropped += 1;
+            continue;
+        }
+        let before = baggage.len();
+        baggage.insert_with_metadata(k.to_owned(), v, meta);
+        // The API refuses silently (e.g. its own byte limit): count it.
+        if is_new && baggage.len() == before {
+            parsed.dropped += 1;
+        }
     }
-    Ok(entries.into_iter().collect())
+    Ok(parsed)
+}
+
+/// Parses a `baggage` value within the W3C limits: see
+/// [`parse_baggage_counted`], which also says how many members past the
+/// 64th were dropped.
+pub fn parse_baggage(value: &str) -> Result<Baggage, RejectReason> {
+    parse_baggage_counted(value).map(|p| p.baggage)
 }
 
 fn percent_encode_into(out: &mut String, s: &str) {
     for b in s.bytes() {
         // baggage-octet minus '%' (which we encode) per W3C Baggage.
-        if b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'%') {
+        if is_baggage_octet(b) && b != b'%' {
             out.push(b as char);
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -249,7 +476,8 @@ fn percent_encode_into(out: &mut String, s: &str) {
     }
 }
 
-/// Formats baggage as a W3C `baggage` header value (empty when empty).
+/// Formats baggage as a W3C `baggage` header value (empty when empty),
+/// without limits: see [`format_baggage_limited`] for what is sent.
 pub fn format_baggage(baggage: &Baggage) -> String {
     let mut out = String::new();
     for (k, (v, meta)) in baggage {
@@ -265,6 +493,54 @@ pub fn format_baggage(baggage: &Baggage) -> String {
         }
     }
     out
+}
+
+/// Formats baggage as a W3C `baggage` header value within the W3C limits
+/// (at most [`MAX_BAGGAGE_MEMBERS`] members and [`MAX_BAGGAGE_LEN`] bytes),
+/// members sorted, and says how many members it left out.
+///
+/// Values are percent-encoded; a member whose key is not a token or whose
+/// metadata does not follow the property grammar is left out; when the
+/// members do not all fit, those that do not fit (in sorted order) are
+/// left out.
+pub fn format_baggage_limited(baggage: &Baggage) -> (String, usize) {
+    let mut dropped = 0;
+    let mut members: Vec<String> = Vec::with_capacity(baggage.len());
+    for (k, (v, meta)) in baggage {
+        let meta = match meta.as_str() {
+            "" => Some(String::new()),
+            m => normalise_properties(m),
+        };
+        let (true, Some(meta)) = (is_token(k.as_str()), meta) else {
+            dropped += 1;
+            continue;
+        };
+        let mut m = String::with_capacity(k.as_str().len() + 1 + v.as_str().len());
+        m.push_str(k.as_str());
+        m.push('=');
+        percent_encode_into(&mut m, v.as_str());
+        if !meta.is_empty() {
+            m.push(';');
+            m.push_str(&meta);
+        }
+        members.push(m);
+    }
+    members.sort_unstable();
+    let mut out = String::new();
+    let mut kept = 0;
+    for m in members {
+        let extra = m.len() + usize::from(kept > 0);
+        if kept == MAX_BAGGAGE_MEMBERS || out.len() + extra > MAX_BAGGAGE_LEN {
+            dropped += 1;
+            continue;
+        }
+        if kept > 0 {
+            out.push(',');
+        }
+        out.push_str(&m);
+        kept += 1;
+    }
+    (out, dropped)
 }
 
 #[cfg(test)]
@@ -384,5 +660,219 @@ mod tests {
             parse_baggage(&many).err(),
             Some(RejectReason::BaggageOversized)
         );
+    }
+
+    #[test]
+    fn tracestate_grammar_follows_the_spec() {
+        use RejectReason::*;
+        let ok = [
+            "a=1",
+            "a=1,b=2",
+            "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+            " a=1 ,\t, b=2 ",
+            "tenant1@vendor=x",
+            "0tenant@v=x",
+            "a_-*/9=x y",
+            "k=!\"#$%&'()*+-./:;<>?@[]^_`{|}~",
+        ];
+        for v in ok {
+            assert!(parse_tracestate(v).is_ok(), "{v:?}");
+        }
+        let malformed = [
+            "novalue",
+            "Upper=1",
+            "1digit=1",
+            "k=",
+            "k=a=b",
+            "k=v ,k=w",
+            "k =v",
+            "k=v\u{e9}",
+            "k=v\u{7f}",
+            "k=tab\tinside",
+            "t@=x",
+            "@v=x",
+            "t@V=x",
+            "t@v@w=x",
+            "t@abcdefghijklmno=x",
+        ];
+        for v in malformed {
+            assert_eq!(
+                parse_tracestate(v).err(),
+                Some(TracestateMalformed),
+                "{v:?}"
+            );
+        }
+        assert!(parse_tracestate(&format!("{}=v", "k".repeat(256))).is_ok());
+        // Keys and values have their own 256-character limits, below 512.
+        let v257 = format!("k={}", "v".repeat(257));
+        assert_eq!(parse_tracestate(&v257).err(), Some(TracestateMalformed));
+        let ts = parse_tracestate("b=2, a=1").expect("valid");
+        assert_eq!(ts.header(), "b=2,a=1", "order kept, white space dropped");
+    }
+
+    #[test]
+    fn tracestate_size_is_checked_first_and_ows_does_not_count() {
+        use RejectReason::*;
+        let members = |n: usize, sep: &str| {
+            (0..n)
+                .map(|i| format!("k{i:02}=v"))
+                .collect::<Vec<_>>()
+                .join(sep)
+        };
+        assert!(parse_tracestate(&members(32, ",")).is_ok());
+        assert_eq!(
+            parse_tracestate(&members(33, ",")).err(),
+            Some(TracestateOversized)
+        );
+        // Exactly 512 combined characters, then 513.
+        let at = |n: usize| {
+            let (x, y, z) = ("x".repeat(250), "y".repeat(250), "z".repeat(n - 508));
+            format!("a={x},b={y},c={z}")
+        };
+        assert_eq!(at(512).len(), 512);
+        assert!(parse_tracestate(&at(512)).is_ok());
+        assert_eq!(parse_tracestate(&at(513)).err(), Some(TracestateOversized));
+        // White space around members is not counted: 505 combined, 536 raw.
+        let spaced = format!("a={}, b={}", "x".repeat(250), "y".repeat(250));
+        let spaced = format!("{spaced}{}", ", ".repeat(15));
+        assert!(spaced.len() > MAX_TRACESTATE_LEN);
+        assert!(parse_tracestate(&spaced).is_ok());
+        // The raw cap applies before anything, whatever the content.
+        let padded = format!("a=1{}", " ".repeat(MAX_TRACESTATE_HEADER_LEN));
+        assert_eq!(parse_tracestate(&padded).err(), Some(TracestateOversized));
+        let junk = "\u{e9}".repeat(MAX_TRACESTATE_HEADER_LEN);
+        assert_eq!(parse_tracestate(&junk).err(), Some(TracestateOversized));
+        // Oversized wins over malformed (size is checked first).
+        let both = format!("{},NOT VALID", members(32, ","));
+        assert_eq!(parse_tracestate(&both).err(), Some(TracestateOversized));
+    }
+
+    #[test]
+    fn tracestate_outbound_is_truncated_the_w3c_way() {
+        // The API accepts values our grammar does not (non-ASCII, empty).
+        let ts = TraceState::from_key_value([("a", "1"), ("bad", "\u{e9}"), ("c", "3")])
+            .expect("the API accepts it");
+        assert_eq!(format_tracestate_limited(&ts), ("a=1,c=3".to_owned(), 1));
+        // Over 512: entries longer than 128 go first (from the end), then
+        // entries from the end.
+        let big = "x".repeat(200);
+        let ts = TraceState::from_key_value([
+            ("a", big.as_str()),
+            ("b", "1"),
+            ("c", big.as_str()),
+            ("d", big.as_str()),
+            ("e", "2"),
+        ])
+        .expect("valid");
+        let (out, dropped) = format_tracestate_limited(&ts);
+        assert_eq!(dropped, 1);
+        assert_eq!(out, format!("a={big},b=1,c={big},e=2"));
+        assert!(out.len() <= MAX_TRACESTATE_LEN);
+        let small = "y".repeat(100);
+        let kvs: Vec<(String, String)> = (0..6).map(|i| (format!("k{i}"), small.clone())).collect();
+        let ts = TraceState::from_key_value(kvs).expect("valid");
+        let (out, dropped) = format_tracestate_limited(&ts);
+        assert_eq!(dropped, 2, "{out}");
+        assert!(out.starts_with("k0=") && out.contains("k3=") && !out.contains("k4="));
+        assert!(out.len() <= MAX_TRACESTATE_LEN);
+        // Whatever was kept parses back.
+        assert!(parse_tracestate(&out).is_ok());
+        assert_eq!(
+            format_tracestate_limited(&TraceState::NONE),
+            (String::new(), 0)
+        );
+    }
+
+    #[test]
+    fn baggage_past_64_members_keeps_the_first_64_and_counts_the_rest() {
+        let members = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}=v{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for (n, dropped) in [(64, 0), (65, 1), (100, 36), (180, 116)] {
+            let p = parse_baggage_counted(&members(n)).expect("within 180");
+            assert_eq!(p.baggage.len(), n.min(MAX_BAGGAGE_KEPT_MEMBERS), "{n}");
+            assert_eq!(p.dropped, dropped, "{n}");
+            // The first 64 in header order are the ones kept.
+            assert_eq!(p.baggage.get("k63").map(|v| v.as_str()), Some("v63"));
+            assert!(p.baggage.get("k64").is_none());
+        }
+        assert_eq!(
+            parse_baggage_counted(&members(181)).err(),
+            Some(RejectReason::BaggageOversized)
+        );
+        // A repeated key replaces its value (last wins) and takes no slot.
+        let p = parse_baggage_counted(&format!("{},k0=again", members(64))).expect("valid");
+        assert_eq!((p.baggage.len(), p.dropped), (64, 0));
+        assert_eq!(p.baggage.get("k0").map(|v| v.as_str()), Some("again"));
+        // Exactly 8192 bytes is accepted, 8193 is not.
+        let v = format!("k={}", "v".repeat(MAX_BAGGAGE_LEN - 2));
+        assert!(parse_baggage(&v).is_ok());
+        assert_eq!(
+            parse_baggage(&format!("{v}v")).err(),
+            Some(RejectReason::BaggageOversized)
+        );
+    }
+
+    #[test]
+    fn baggage_grammar_is_strict() {
+        use RejectReason::BaggageMalformed;
+        let b = parse_baggage(" a = 1 ;p1; p2 = x ,b=%E2%82%AC, c=, d%25=%zz%").err();
+        assert_eq!(b, Some(BaggageMalformed), "%zz is not an escape");
+        let b = parse_baggage(" a = 1 ;p1; p2 = x ,b=%E2%82%AC, c=,d%25=ok").expect("valid");
+        assert_eq!(b.get("a").map(|v| v.as_str()), Some("1"));
+        let (_, meta) = b.get_with_metadata("a").expect("a");
+        assert_eq!(meta.as_str(), "p1;p2=x");
+        assert_eq!(b.get("b").map(|v| v.as_str()), Some("\u{20ac}"));
+        assert_eq!(b.get("c").map(|v| v.as_str()), Some(""));
+        assert_eq!(
+            b.get("d%25").map(|v| v.as_str()),
+            Some("ok"),
+            "% is a token char, keys are not decoded"
+        );
+        // Escapes that are not UTF-8 become U+FFFD (W3C Baggage).
+        let b = parse_baggage("k=%FF%C3").expect("valid");
+        assert_eq!(b.get("k").map(|v| v.as_str()), Some("\u{fffd}\u{fffd}"));
+        for bad in [
+            "k=a b",
+            "k=\"q\"",
+            "k=back\\slash",
+            "k=\u{e9}",
+            "k=v;p=\u{e9}",
+            "k=v;(p)",
+            "k(=v",
+            "k",
+            "k=v\n",
+        ] {
+            assert_eq!(parse_baggage(bad).err(), Some(BaggageMalformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn baggage_outbound_stays_within_limits() {
+        use opentelemetry::KeyValue;
+        let b = Baggage::from_iter([KeyValue::new("b", "x y"), KeyValue::new("a", "1%,;")]);
+        assert_eq!(
+            format_baggage_limited(&b),
+            ("a=1%25%2C%3B,b=x%20y".to_owned(), 0)
+        );
+        // Metadata that does not follow the grammar is never written.
+        let mut b = Baggage::new();
+        b.insert_with_metadata("ok", "1", "p=1");
+        b.insert_with_metadata("bad", "2", "p=\u{e9}");
+        assert_eq!(format_baggage_limited(&b), ("ok=1;p=1".to_owned(), 1));
+        // Percent-encoding can triple a value: what does not fit is left out.
+        let mut b = Baggage::new();
+        for k in ["a", "b", "c", "d"] {
+            b.insert(k, " ".repeat(1000));
+        }
+        let (out, dropped) = format_baggage_limited(&b);
+        assert!(out.len() <= MAX_BAGGAGE_LEN, "{}", out.len());
+        assert_eq!(dropped, 2);
+        assert!(out.starts_with("a=%20") && out.contains(",b=%20"));
+        let parsed = parse_baggage(&out).expect("what is sent parses back");
+        assert_eq!(parsed.get("a").map(|v| v.as_str().len()), Some(1000));
     }
 }
