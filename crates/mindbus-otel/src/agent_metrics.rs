@@ -18,7 +18,9 @@
 //! the queue for deliveries; server-named queues read `(temporary)`. Routing
 //! keys, which hold agent ids, are never labels. `outcome` is one of `ok`,
 //! `publish_error` (sent) or `acked`, `nacked`, `rejected`, `unsettled`,
-//! `auto_ack`, `settled_elsewhere` (received). Every label fed from content
+//! `auto_ack`, `settled_elsewhere` (received); a settlement that never
+//! reached the broker (its channel closed) counts as `unsettled`, with
+//! `error_type="not_applied"` on the process duration. Every label fed from content
 //! is capped ([`crate::labels`]).
 //!
 //! Telemetry-health counters emitted by the plugin itself:
@@ -338,7 +340,15 @@ impl Interceptor for AgentMetrics {
         };
         let i = &self.inner;
         let elapsed = state.started().elapsed().as_secs_f64();
+        // An ack/nack/reject that never reached the broker (its channel
+        // closed) leaves the message to be redelivered: not a success.
+        let not_applied = !settlement.applied
+            && matches!(
+                settlement.outcome,
+                Outcome::Acked | Outcome::Nacked { .. } | Outcome::Rejected { .. }
+            );
         let error: Option<&str> = match (settlement.failure, settlement.outcome) {
+            _ if settlement.error.is_some() || not_applied => Some("not_applied"),
             (Some(crate::HandlerFailure::Error(_)), _) => Some("handler_error"),
             (Some(crate::HandlerFailure::Panic(_)), _) => Some("panic"),
             (None, Outcome::Nacked { .. }) => Some("nack"),
@@ -363,13 +373,13 @@ impl Interceptor for AgentMetrics {
                 metrics::histogram!(PROCESS_DURATION, labels)
             })
             .record(elapsed);
-        self.messages(
-            meta.agent,
-            meta.kind,
-            Direction::Received,
-            settlement.outcome.as_str(),
-        )
-        .increment(1);
+        let outcome = if not_applied || settlement.error.is_some() {
+            Outcome::Unsettled.as_str()
+        } else {
+            settlement.outcome.as_str()
+        };
+        self.messages(meta.agent, meta.kind, Direction::Received, outcome)
+            .increment(1);
         let own = meta.own;
         i.processing
             .get((own, meta.kind), || {

@@ -18,19 +18,24 @@
 //! concurrent processing use the stream style.
 
 use crate::channel::TracedChannel;
-use crate::message::{HandlerFailure, Outcome, Settlement};
-use futures_util::{FutureExt as _, StreamExt as _};
-use lapin::Channel;
+use crate::interceptor::InterceptorChain;
+use crate::message::{HandlerFailure, MessageState, Outcome, Settlement};
+use futures_util::{FutureExt as _, Stream as _, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, Channel, Consumer};
+use opentelemetry::Context;
 use opentelemetry::context::FutureExt as _;
 use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 /// Counters of one handler-style consumer.
 #[derive(Debug, Default)]
@@ -64,7 +69,9 @@ impl ConsumeStats {
     pub fn panics(&self) -> u64 {
         self.panics.load(Ordering::Relaxed)
     }
-    /// Ack/nack calls that lapin failed (channel or connection closed).
+    /// Acks/nacks that did not reach the broker because the channel or
+    /// connection closed: lapin failed the call, or (as it does once the
+    /// channel is gone) did not send it. The broker redelivers those.
     pub fn settle_errors(&self) -> u64 {
         self.settle_errors.load(Ordering::Relaxed)
     }
@@ -192,19 +199,32 @@ async fn run_handler<F, Fut, E>(
     E: fmt::Display + Send + 'static,
 {
     let (mut consumer, chain, queue, no_ack) = consumer.into_parts();
-    while let Some(item) = consumer.next().await {
+    // Stream items seen while a settlement was pending (see `settle`).
+    let mut backlog = VecDeque::new();
+    loop {
+        let item = match backlog.pop_front() {
+            Some(item) => item,
+            None => consumer.next().await,
+        };
+        let Some(item) = item else { break };
         let delivery = match item {
             Ok(delivery) => delivery,
             Err(error) => {
-                // lapin ends the stream after an error.
+                // Without auto-recovery lapin ends the stream after an
+                // error; with it, the stream resumes once recovered.
                 tracing::warn!(%error, queue = &*queue, "mindbus-otel: consumer stream error");
                 continue;
             }
         };
         bump(&stats.delivered);
-        let mut state = chain.start_delivery(&delivery, &queue, false);
+        // Settled as unsettled if this task is dropped mid-handler (runtime
+        // shut down): every started span ends.
+        let mut state = InHand {
+            state: Some(chain.start_delivery(&delivery, &queue, false)),
+            chain: &chain,
+        };
         let acker = delivery.acker.clone();
-        let cx = state.context().clone();
+        let cx = state.context();
 
         // A handler may panic when called or while polled: both are caught.
         // The handler's synchronous part runs in the context too.
@@ -240,7 +260,8 @@ async fn run_handler<F, Fut, E>(
         let (outcome, res) = if no_ack {
             (Outcome::AutoAck, Ok(true))
         } else if failure.is_none() {
-            let res = acker.ack(BasicAckOptions::default()).await;
+            let ack = acker.ack(BasicAckOptions::default());
+            let res = settle(ack, &acker, &mut consumer, &mut backlog).await;
             if matches!(res, Ok(true)) {
                 bump(&stats.acked);
             }
@@ -250,7 +271,8 @@ async fn run_handler<F, Fut, E>(
                 requeue: false,
                 ..BasicNackOptions::default()
             };
-            let res = acker.nack(options).await;
+            let nack = acker.nack(options);
+            let res = settle(nack, &acker, &mut consumer, &mut backlog).await;
             if matches!(res, Ok(true)) {
                 bump(&stats.nacked);
             }
@@ -259,6 +281,15 @@ async fn run_handler<F, Fut, E>(
         if let Err(error) = &res {
             bump(&stats.settle_errors);
             tracing::warn!(%error, queue = &*queue, "mindbus-otel: settling a delivery failed");
+        } else if matches!(res, Ok(false)) && acker.poisoned() {
+            // lapin answers `Ok(false)`, without sending anything, when the
+            // channel closed while the handler ran: the broker requeues the
+            // message. That is a failed settlement too.
+            bump(&stats.settle_errors);
+            tracing::warn!(
+                queue = &*queue,
+                "mindbus-otel: delivery not settled, its channel closed; the broker will redeliver it"
+            );
         }
         let settlement = Settlement {
             outcome,
@@ -266,6 +297,76 @@ async fn run_handler<F, Fut, E>(
             error: res.as_ref().err(),
             applied: matches!(res, Ok(true)),
         };
-        chain.settle(&mut state, &settlement);
+        if let Some(mut state) = state.state.take() {
+            chain.settle(&mut state, &settlement);
+        }
     }
+}
+
+/// A delivery's state until it is settled; dropped unsettled (the consumer
+/// task cancelled mid-handler), it runs the settle hooks with
+/// [`Outcome::Unsettled`].
+struct InHand<'c> {
+    state: Option<MessageState>,
+    chain: &'c InterceptorChain,
+}
+
+impl InHand<'_> {
+    fn context(&self) -> Context {
+        self.state
+            .as_ref()
+            .map(|s| s.context().clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Some(mut state) = self.state.take() {
+            let mut settlement = Settlement::new(Outcome::Unsettled);
+            settlement.applied = false;
+            self.chain.settle(&mut state, &settlement);
+        }
+    }
+}
+
+/// Awaits an ack or nack while still watching the consumer stream.
+///
+/// lapin 4.12 can drop an ack that was queued just as its channel died
+/// without ever resolving it (its internal RPC skips commands for dead
+/// channels), which would stall this consumer forever. Once the stream
+/// reports anything (a delivery, the error, its end) and the acker is
+/// poisoned, the settlement is given up with lapin's own answer for a dead
+/// channel, `Ok(false)` (nothing sent; the broker redelivers the message).
+/// Items seen meanwhile are kept, in order, for the loop.
+async fn settle(
+    settlement: impl Future<Output = lapin::Result<bool>>,
+    acker: &Acker,
+    consumer: &mut Consumer,
+    backlog: &mut VecDeque<Option<lapin::Result<Delivery>>>,
+) -> lapin::Result<bool> {
+    let mut settlement = pin!(settlement);
+    let mut ended = matches!(backlog.back(), Some(None));
+    poll_fn(|cx| {
+        if let Poll::Ready(res) = settlement.as_mut().poll(cx) {
+            return Poll::Ready(res);
+        }
+        while !ended {
+            match Pin::new(&mut *consumer).poll_next(cx) {
+                Poll::Ready(item) => {
+                    ended = item.is_none();
+                    backlog.push_back(item);
+                    if acker.poisoned() {
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+                Poll::Pending => break,
+            }
+        }
+        if ended && acker.poisoned() {
+            return Poll::Ready(Ok(false));
+        }
+        Poll::Pending
+    })
+    .await
 }

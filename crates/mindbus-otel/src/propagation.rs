@@ -19,7 +19,7 @@
 //! parent, and the rejection is counted by reason in [`PropagationStats`]
 //! (and in the `mindbus_otel_rejected_contexts_total{reason}` counter of the
 //! `metrics` facade). Every header value is compared with its cap before
-//! any other work (see [`w3c`](crate::w3c) for the limits), so an oversized
+//! any other work (see [`w3c`] for the limits), so an oversized
 //! value costs the same as a short one.
 //!
 //! # Policies for untrusted peers

@@ -142,6 +142,9 @@ impl InFlight {
 struct SpanState {
     cx: Context,
     in_flight: Option<u64>,
+    /// The `data.error.code` of an ERROR message: its `error.type` unless
+    /// the operation itself fails (a span gets one `error.type`, at its end).
+    error_code: Option<String>,
 }
 
 /// The spans interceptor: see the [module docs](self).
@@ -617,11 +620,9 @@ impl Interceptor for MessagingSpans {
             self.payload_attribute(attrs, msg.payload());
             let env = msg.envelope();
             self.envelope_attributes(attrs, &env);
-            if kind == MessageKind::Error {
-                let code = cap(env.error_code().unwrap_or("error")).to_owned();
-                attrs.push(KeyValue::new(ERROR_TYPE, code));
-            }
         };
+        let error_code = (kind == MessageKind::Error)
+            .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let builder = SpanBuilder::from_name(name)
             .with_kind(SpanKind::Producer)
             .with_attributes(attrs);
@@ -639,14 +640,21 @@ impl Interceptor for MessagingSpans {
         msg.state_mut().extensions.insert(SpanState {
             cx,
             in_flight: None,
+            error_code,
         });
     }
 
     fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
-        let Some(SpanState { cx, .. }) = state.extensions.remove::<SpanState>() else {
+        let Some(SpanState { cx, error_code, .. }) = state.extensions.remove::<SpanState>() else {
             return;
         };
         let span = cx.span();
+        let failed = matches!(
+            result,
+            PublishResult::Failed(_)
+                | PublishResult::Confirmed(Confirmation::Nack(_))
+                | PublishResult::Confirmed(Confirmation::Ack(Some(_)))
+        );
         match result {
             PublishResult::Sent => {
                 span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "not_requested"));
@@ -670,6 +678,11 @@ impl Interceptor for MessagingSpans {
             PublishResult::Abandoned => {
                 span.set_attribute(KeyValue::new(MINDBUS_PUBLISH_CONFIRM, "abandoned"));
             }
+        }
+        // One `error.type` per span: the publish's failure, else the code
+        // of the ERROR message it carries.
+        if !failed && let Some(code) = error_code {
+            span.set_attribute(KeyValue::new(ERROR_TYPE, code));
         }
         self.end(&cx);
     }
@@ -750,11 +763,9 @@ impl Interceptor for MessagingSpans {
             self.payload_attribute(attrs, &delivery.data);
             let env = msg.envelope();
             self.envelope_attributes(attrs, &env);
-            if kind == MessageKind::Error {
-                let code = cap(env.error_code().unwrap_or("error")).to_owned();
-                attrs.push(KeyValue::new(ERROR_TYPE, code));
-            }
         };
+        let error_code = (kind == MessageKind::Error)
+            .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let mut builder = SpanBuilder::from_name(name)
             .with_kind(SpanKind::Consumer)
             .with_attributes(attrs);
@@ -788,16 +799,23 @@ impl Interceptor for MessagingSpans {
             }
         }
         msg.state_mut().set_context(cx.clone());
-        msg.state_mut()
-            .extensions
-            .insert(SpanState { cx, in_flight });
+        msg.state_mut().extensions.insert(SpanState {
+            cx,
+            in_flight,
+            error_code,
+        });
     }
 
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
         if state.direction() != Direction::Received {
             return;
         }
-        let Some(SpanState { cx, in_flight }) = state.extensions.remove::<SpanState>() else {
+        let Some(SpanState {
+            cx,
+            in_flight,
+            error_code,
+        }) = state.extensions.remove::<SpanState>()
+        else {
             return;
         };
         if let Some(key) = in_flight {
@@ -808,39 +826,54 @@ impl Interceptor for MessagingSpans {
             MINDBUS_SETTLEMENT,
             settlement.outcome.as_str(),
         ));
-        match settlement.failure {
-            Some(HandlerFailure::Error(text)) => {
-                span.add_event(
-                    EXCEPTION_EVENT,
-                    vec![
-                        KeyValue::new(EXCEPTION_TYPE, "handler_error"),
-                        KeyValue::new(EXCEPTION_MESSAGE, text.to_owned()),
-                    ],
-                );
-                set_error(&cx, "handler_error", text.to_owned());
-            }
-            Some(HandlerFailure::Panic(text)) => {
-                span.add_event(
-                    EXCEPTION_EVENT,
-                    vec![
-                        KeyValue::new(EXCEPTION_TYPE, "panic"),
-                        KeyValue::new(EXCEPTION_MESSAGE, text.to_owned()),
-                    ],
-                );
-                set_error(&cx, "panic", text.to_owned());
-            }
-            None => match settlement.outcome {
-                Outcome::Nacked { .. } => set_error(&cx, "nack", "nacked"),
-                Outcome::Rejected { .. } => set_error(&cx, "reject", "rejected"),
-                Outcome::Unsettled => set_error(&cx, "unsettled", "dropped unsettled"),
-                _ => {}
-            },
+        if let Some(failure) = settlement.failure {
+            let (kind, text) = match failure {
+                HandlerFailure::Error(text) => ("handler_error", text),
+                HandlerFailure::Panic(text) => ("panic", text),
+            };
+            span.add_event(
+                EXCEPTION_EVENT,
+                vec![
+                    KeyValue::new(EXCEPTION_TYPE, kind),
+                    KeyValue::new(EXCEPTION_MESSAGE, text.to_owned()),
+                ],
+            );
         }
         if let Outcome::Nacked { requeue } | Outcome::Rejected { requeue } = settlement.outcome {
             span.set_attribute(KeyValue::new(MINDBUS_SETTLEMENT_REQUEUE, requeue));
         }
-        if let Some(error) = settlement.error {
-            set_error(&cx, lapin_error_type(error), error.to_string());
+        // One `error.type` per span (the SDK appends attributes, it does not
+        // replace them): the settlement's own failure first, then a
+        // settlement lapin did not send, then the handler's failure, then
+        // the outcome, then the code of the ERROR message received.
+        let explicit = matches!(
+            settlement.outcome,
+            Outcome::Acked | Outcome::Nacked { .. } | Outcome::Rejected { .. }
+        );
+        let error: Option<(String, Cow<'static, str>)> = if let Some(e) = settlement.error {
+            Some((lapin_error_type(e), e.to_string().into()))
+        } else if !settlement.applied && explicit {
+            Some((
+                "not_applied".to_owned(),
+                "settlement not sent: the channel was closed".into(),
+            ))
+        } else if let Some(failure) = settlement.failure {
+            Some(match failure {
+                HandlerFailure::Error(text) => ("handler_error".to_owned(), text.to_owned().into()),
+                HandlerFailure::Panic(text) => ("panic".to_owned(), text.to_owned().into()),
+            })
+        } else {
+            match settlement.outcome {
+                Outcome::Nacked { .. } => Some(("nack".to_owned(), "nacked".into())),
+                Outcome::Rejected { .. } => Some(("reject".to_owned(), "rejected".into())),
+                Outcome::Unsettled => Some(("unsettled".to_owned(), "dropped unsettled".into())),
+                _ => None,
+            }
+        };
+        match (error, error_code) {
+            (Some((error_type, description)), _) => set_error(&cx, error_type, description),
+            (None, Some(code)) => span.set_attribute(KeyValue::new(ERROR_TYPE, code)),
+            (None, None) => {}
         }
         self.end(&cx);
     }
