@@ -32,7 +32,9 @@
 //!     .await?;
 //! # Ok(()) }
 //! ```
-//! [`TracedChannel::new`] gives the standard chain in one line.
+//! [`TracedChannel::new`] gives the standard chain in one line:
+//! [`TraceContext`] and [`MessagingSpans`] (spans through the global tracer
+//! provider). Add [`AgentMetrics`] and [`TaskMetrics`] with the builder.
 //!
 //! # The chain
 //! A [`TracedChannel`] runs an ordered list of [`Interceptor`]s with
@@ -64,6 +66,21 @@
 //! `LongString` headers; reads `LongString`, `ShortString` and `ByteArray`,
 //! falls back to the CloudEvents `traceparent` in the body, and counts every
 //! rejected value by reason ([`PropagationStats`]).
+//!
+//! # Spans
+//! [`MessagingSpans`]: a PRODUCER span per publish (ended by the broker's
+//! confirm when confirms are on) and a CONSUMER span per delivery (ended by
+//! its settlement), named and attributed by the OpenTelemetry messaging
+//! conventions plus MindBus and CloudEvents attributes; a RESULT or ERROR
+//! published while its COMMAND is in hand is that COMMAND's child in both
+//! consume styles. See [`spans`] for the model and the statuses.
+//!
+//! # Metrics
+//! [`AgentMetrics`] (the OpenTelemetry messaging metrics and per-agent
+//! counters) and [`TaskMetrics`] (AI_TEAM task and LLM metrics derived from
+//! COMMAND/RESULT/ERROR traffic), through the `metrics` facade with cached
+//! handles and capped label values. See [`agent_metrics`] and
+//! [`task_metrics`] for every metric's name, type and labels.
 //!
 //! # Telemetry never breaks messaging
 //! Hooks cannot fail; a hook that panics is caught and counted
