@@ -164,10 +164,15 @@ impl LabelGuard {
 }
 
 fn truncate(value: &str) -> &str {
-    if value.len() <= MAX_LABEL_LEN {
+    truncate_at(value, MAX_LABEL_LEN)
+}
+
+/// `value` cut to at most `max` bytes at a character boundary.
+pub(crate) fn truncate_at(value: &str, max: usize) -> &str {
+    if value.len() <= max {
         return value;
     }
-    let mut end = MAX_LABEL_LEN;
+    let mut end = max;
     while !value.is_char_boundary(end) {
         end -= 1;
     }

@@ -372,14 +372,7 @@ pub const MAX_BODY_ATTRIBUTE_LEN: usize = 256;
 
 /// `value` cut to [`MAX_BODY_ATTRIBUTE_LEN`] bytes at a character boundary.
 fn cap(value: &str) -> &str {
-    if value.len() <= MAX_BODY_ATTRIBUTE_LEN {
-        return value;
-    }
-    let mut end = MAX_BODY_ATTRIBUTE_LEN;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    &value[..end]
+    crate::labels::truncate_at(value, MAX_BODY_ATTRIBUTE_LEN)
 }
 
 /// `to`, with the baggage of `from` (baggage travels with the message even
