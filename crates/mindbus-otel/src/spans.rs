@@ -292,6 +292,43 @@ impl MessagingSpans {
         }
     }
 
+    /// The attributes both directions record once a span records.
+    fn message_attributes(
+        &self,
+        attrs: &mut Vec<KeyValue>,
+        agent: Option<&Arc<str>>,
+        temporary: bool,
+        routing_key: &str,
+        props: &lapin::BasicProperties,
+        payload: &[u8],
+    ) {
+        self.common_attributes(attrs, agent);
+        if temporary {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+        }
+        if !routing_key.is_empty() {
+            attrs.push(KeyValue::new(
+                MESSAGING_RABBITMQ_ROUTING_KEY,
+                routing_key.to_owned(),
+            ));
+        }
+        if let Some(id) = props.message_id() {
+            attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
+        }
+        if let Some(c) = props.correlation_id() {
+            attrs.push(KeyValue::new(
+                MESSAGING_MESSAGE_CONVERSATION_ID,
+                c.as_str().to_owned(),
+            ));
+        }
+        attrs.push(KeyValue::new(
+            MESSAGING_MESSAGE_BODY_SIZE,
+            payload.len() as i64,
+        ));
+        self.payload_attribute(attrs, payload);
+    }
+
     /// The CloudEvents/MindBus attributes; low-cardinality values are
     /// shared, not copied.
     fn envelope_attributes(&self, attrs: &mut Vec<KeyValue>, env: &crate::EnvelopeRef<'_>) {
@@ -582,35 +619,17 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
         let details = |attrs: &mut Vec<KeyValue>, msg: &mut OutgoingMessage<'_>| {
-            let props = msg.properties();
-            self.common_attributes(attrs, msg.state().agent_shared());
-            if temporary {
-                attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
-                attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
-            }
-            if !routing_key.is_empty() {
-                attrs.push(KeyValue::new(
-                    MESSAGING_RABBITMQ_ROUTING_KEY,
-                    routing_key.to_owned(),
-                ));
-            }
-            if let Some(id) = props.message_id() {
-                attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
-            }
-            if let Some(c) = props.correlation_id() {
-                attrs.push(KeyValue::new(
-                    MESSAGING_MESSAGE_CONVERSATION_ID,
-                    c.as_str().to_owned(),
-                ));
-            }
-            attrs.push(KeyValue::new(
-                MESSAGING_MESSAGE_BODY_SIZE,
-                msg.payload().len() as i64,
-            ));
+            self.message_attributes(
+                attrs,
+                msg.state().agent_shared(),
+                temporary,
+                routing_key,
+                msg.properties(),
+                msg.payload(),
+            );
             if rpc {
                 attrs.push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
             }
-            self.payload_attribute(attrs, msg.payload());
             let env = msg.envelope();
             self.envelope_attributes(attrs, &env);
         };
@@ -719,41 +738,22 @@ impl Interceptor for MessagingSpans {
         ]);
         let details = |attrs: &mut Vec<KeyValue>, msg: &mut IncomingMessage<'_>| {
             let delivery = msg.delivery();
-            let props = &delivery.properties;
-            self.common_attributes(attrs, msg.state().agent_shared());
             attrs.push(KeyValue::new(
                 MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
                 queue_value.clone(),
             ));
-            if temporary {
-                attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
-                attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
-            }
-            let routing_key = delivery.routing_key.as_str();
-            if !routing_key.is_empty() {
-                attrs.push(KeyValue::new(
-                    MESSAGING_RABBITMQ_ROUTING_KEY,
-                    routing_key.to_owned(),
-                ));
-            }
             attrs.push(KeyValue::new(
                 MESSAGING_RABBITMQ_DELIVERY_TAG,
                 delivery.delivery_tag as i64,
             ));
-            if let Some(id) = props.message_id() {
-                attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
-            }
-            if let Some(c) = props.correlation_id() {
-                attrs.push(KeyValue::new(
-                    MESSAGING_MESSAGE_CONVERSATION_ID,
-                    c.as_str().to_owned(),
-                ));
-            }
-            attrs.push(KeyValue::new(
-                MESSAGING_MESSAGE_BODY_SIZE,
-                delivery.data.len() as i64,
-            ));
-            self.payload_attribute(attrs, &delivery.data);
+            self.message_attributes(
+                attrs,
+                msg.state().agent_shared(),
+                temporary,
+                delivery.routing_key.as_str(),
+                &delivery.properties,
+                &delivery.data,
+            );
             let env = msg.envelope();
             self.envelope_attributes(attrs, &env);
         };
