@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         (String::from_utf8_lossy(&rest[..n]), &rest[n..])
     };
     let env = Envelope::read(&rk, body);
-    let facts = read(&env, body);
+    let facts = read(&env);
     assert_eq!(facts.kind, env.kind());
     assert_eq!(facts.format, env.format());
     let expected_kind = facts.strings[1]
@@ -63,10 +63,6 @@ fuzz_target!(|data: &[u8]| {
     for n in &facts.numbers {
         assert!(n.is_none_or(f64::is_finite));
     }
-    // Views over other payloads: meaningless but safe.
-    let _ = read(&env, &body[..body.len() / 2]);
-    let _ = read(&env, data);
-    let _ = read(&env, &[]);
     if let Some(expected) = reference(&rk, body) {
         assert_eq!(facts, expected);
     }

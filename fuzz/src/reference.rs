@@ -47,10 +47,9 @@ impl PartialEq for Facts {
     }
 }
 
-/// What the reader says about `body`, through every accessor of a view
-/// over `payload` (normally `body` itself).
-pub fn read(env: &Envelope, payload: &[u8]) -> Facts {
-    let v = env.view(payload);
+/// What the reader says about a body, through every accessor of its view.
+pub fn read(env: &Envelope) -> Facts {
+    let v = env.view();
     let s = |x: Option<&str>| x.map(str::to_owned);
     Facts {
         kind: v.kind(),

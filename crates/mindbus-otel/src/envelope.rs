@@ -2,19 +2,19 @@
 //! CloudEvents fields that telemetry needs, read once per message.
 //!
 //! MindBus bodies are CloudEvents 1.0 in structured JSON mode. The reader
-//! walks the JSON once with a small purpose-built scanner and keeps, for
-//! every field it wants, either the byte range of the string inside the
-//! payload (the common case: no copy) or, for the rare string that carries
-//! JSON escapes, a small owned copy of the decoded text. Everything else in
-//! the body is skipped structurally (brackets, strings, literals) without
-//! being materialised or UTF-8-validated; a string field that is kept is
-//! validated when it is read. A body that is not JSON, JSON that is not an object,
+//! walks the JSON once with a small purpose-built scanner and copies the
+//! few string fields it wants, validated (and decoded, for the rare string
+//! that carries JSON escapes), into one small buffer owned by the
+//! [`Envelope`]: reading a field afterwards is a slice of that buffer, with
+//! no second validation. Everything else in the body is skipped
+//! structurally (brackets, strings, literals) without being materialised or
+//! UTF-8-validated. A body that is not JSON, JSON that is not an object,
 //! or fields of unexpected types never make the reader fail: the fields it
 //! could not read are simply absent, and the kind falls back to the routing
 //! key prefix (`cmd.`, `evt.`, `ctl.`).
 //!
 //! [`Envelope`] is the cached result, independent of the payload's lifetime;
-//! [`EnvelopeRef`] pairs it with the payload to hand out `&str` fields.
+//! [`EnvelopeRef`] (from [`Envelope::view`]) hands out its `&str` fields.
 
 use std::fmt;
 
@@ -73,6 +73,19 @@ impl MessageKind {
             MessageKind::Event => 3,
             MessageKind::Control => 4,
             MessageKind::Unknown => 5,
+        }
+    }
+
+    /// The CloudEvents `type` of this kind (`ai.team.command`, ...), `None`
+    /// for [`MessageKind::Unknown`]. The inverse of [`MessageKind::from_event_type`].
+    pub const fn event_type(self) -> Option<&'static str> {
+        match self {
+            MessageKind::Command => Some("ai.team.command"),
+            MessageKind::Result => Some("ai.team.result"),
+            MessageKind::Error => Some("ai.team.error"),
+            MessageKind::Event => Some("ai.team.event"),
+            MessageKind::Control => Some("ai.team.control"),
+            MessageKind::Unknown => None,
         }
     }
 
@@ -141,35 +154,30 @@ impl BodyFormat {
     }
 }
 
-/// A string field: a range of the payload, or a decoded copy when the JSON
-/// string carried escapes.
-#[derive(Clone, Debug, PartialEq)]
-enum Text {
-    Span { start: u32, len: u32 },
-    Owned(Box<str>),
+/// A string field: a range of the envelope's own text buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Text {
+    start: u32,
+    len: u32,
 }
 
 impl Text {
-    fn resolve<'a>(&'a self, payload: &'a [u8]) -> Option<&'a str> {
-        match self {
-            Text::Span { start, len } => {
-                let start = *start as usize;
-                let bytes = payload.get(start..start + *len as usize)?;
-                std::str::from_utf8(bytes).ok()
-            }
-            Text::Owned(s) => Some(s),
-        }
+    fn resolve(self, text: &str) -> Option<&str> {
+        let start = self.start as usize;
+        text.get(start..start + self.len as usize)
     }
 }
 
 /// The MindBus/CloudEvents facts about one message, computed once.
 ///
 /// Use [`Envelope::read`] to compute it and [`Envelope::view`] (or the
-/// `envelope()` accessor of a message) to read its string fields.
+/// `envelope()` accessor of a message) to read its fields.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Envelope {
     kind: MessageKind,
     format: BodyFormat,
+    /// The kept string fields, validated and decoded, back to back.
+    text: String,
     spec_version: Option<Text>,
     event_type: Option<Text>,
     id: Option<Text>,
@@ -199,7 +207,9 @@ impl Envelope {
         };
         if env.format == BodyFormat::JsonObject {
             let mut fields = Fields::default();
-            if Scanner::new(payload).document(&mut fields).is_some() {
+            let mut scanner = Scanner::new(payload);
+            if scanner.document(&mut fields).is_some() {
+                env.text = scanner.text;
                 env.apply(fields);
                 env.format = if env.spec_version.is_some() && env.event_type.is_some() {
                     BodyFormat::CloudEvent
@@ -212,8 +222,7 @@ impl Envelope {
         }
         let from_type = env
             .event_type
-            .as_ref()
-            .and_then(|t| t.resolve(payload))
+            .and_then(|t| t.resolve(&env.text))
             .and_then(MessageKind::from_event_type);
         env.kind = from_type.unwrap_or_else(|| MessageKind::from_routing_key(routing_key));
         env
@@ -249,20 +258,16 @@ impl Envelope {
         self.format
     }
 
-    /// Pairs the envelope with the payload it was read from.
-    ///
-    /// Passing another payload yields meaningless (but safe) results: a
-    /// field whose range does not fit or is not UTF-8 reads as absent.
-    pub fn view<'a>(&'a self, payload: &'a [u8]) -> EnvelopeRef<'a> {
-        EnvelopeRef { env: self, payload }
+    /// A view that hands out the fields (string fields as `&str`).
+    pub fn view(&self) -> EnvelopeRef<'_> {
+        EnvelopeRef { env: self }
     }
 }
 
-/// An [`Envelope`] together with its payload: string fields as `&str`.
+/// A view of an [`Envelope`]: its fields, string fields as `&str`.
 #[derive(Clone, Copy, Debug)]
 pub struct EnvelopeRef<'a> {
     env: &'a Envelope,
-    payload: &'a [u8],
 }
 
 macro_rules! text_accessors {
@@ -270,7 +275,7 @@ macro_rules! text_accessors {
         $(
             $(#[$doc])*
             pub fn $name(&self) -> Option<&'a str> {
-                self.env.$name.as_ref().and_then(|t| t.resolve(self.payload))
+                self.env.$name.and_then(|t| t.resolve(&self.env.text))
             }
         )*
     };
@@ -513,12 +518,26 @@ struct RawStr {
 /// objects are at most three levels deep).
 struct Scanner<'a> {
     b: &'a [u8],
+    /// The whole payload as text, when it is valid UTF-8 (the common
+    /// case): kept strings are then sliced from it, not validated one by one.
+    utf8: Option<&'a str>,
     i: usize,
+    /// The kept strings, back to back (becomes [`Envelope::text`]).
+    text: String,
 }
+
+/// Room for the kept fields of a typical MindBus message in one allocation
+/// (ids, source, subject, traceparent, action: about 170 bytes).
+const TEXT_CAPACITY: usize = 256;
 
 impl<'a> Scanner<'a> {
     fn new(b: &'a [u8]) -> Self {
-        Scanner { b, i: 0 }
+        Scanner {
+            b,
+            utf8: std::str::from_utf8(b).ok(),
+            i: 0,
+            text: String::new(),
+        }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -605,19 +624,20 @@ impl<'a> Scanner<'a> {
         match (self.peek()?, is_num) {
             (b'"', false) => {
                 let raw = self.string()?;
-                let value = self.text(raw);
+                let value = self.keep(raw);
                 if let Some(t) = text_slot(slot, out) {
                     *t = value;
                 }
             }
             (b'"', true) => {
                 let raw = self.string()?;
-                let value = match self.text(raw) {
-                    Some(Text::Owned(s)) => s.trim().parse::<f64>().ok(),
-                    Some(Text::Span { .. }) => std::str::from_utf8(&self.b[raw.start..raw.end])
+                let bytes = &self.b[raw.start..raw.end];
+                let value = if raw.escaped {
+                    unescape(bytes).and_then(|s| s.trim().parse::<f64>().ok())
+                } else {
+                    std::str::from_utf8(bytes)
                         .ok()
-                        .and_then(|s| s.trim().parse::<f64>().ok()),
-                    None => None,
+                        .and_then(|s| s.trim().parse::<f64>().ok())
                 }
                 .filter(|n| n.is_finite());
                 if let Some(n) = num_slot(slot, out) {
@@ -648,48 +668,69 @@ impl<'a> Scanner<'a> {
         Some(())
     }
 
-    /// A kept string: a payload range, or a decoded copy if escaped; `None`
-    /// when it is not UTF-8 (the field then reads as absent, as a field of
-    /// another type does).
-    fn text(&self, raw: RawStr) -> Option<Text> {
+    /// A kept string, validated (and decoded if escaped) into the text
+    /// buffer; `None` when it is not UTF-8 (the field then reads as absent,
+    /// as a field of another type does).
+    fn keep(&mut self, raw: RawStr) -> Option<Text> {
         let bytes = &self.b[raw.start..raw.end];
-        if raw.escaped {
-            return unescape(bytes).map(|s| Text::Owned(s.into_boxed_str()));
+        let start = u32::try_from(self.text.len()).ok()?;
+        if self.text.capacity() == 0 {
+            self.text.reserve(TEXT_CAPACITY.min(self.b.len()));
         }
-        std::str::from_utf8(bytes).ok()?;
-        match (u32::try_from(raw.start), u32::try_from(bytes.len())) {
-            (Ok(start), Ok(len)) => Some(Text::Span { start, len }),
-            _ => None,
+        // Both ends of a JSON string's content sit next to a quote, so in a
+        // valid UTF-8 payload they are always char boundaries.
+        let plain = match self.utf8 {
+            _ if raw.escaped => None,
+            Some(all) => all.get(raw.start..raw.end),
+            None => std::str::from_utf8(bytes).ok(),
+        };
+        match plain {
+            Some(s) => self.text.push_str(s),
+            None if raw.escaped => self.text.push_str(&unescape(bytes)?),
+            None => return None,
         }
+        let len = u32::try_from(self.text.len()).ok()? - start;
+        Some(Text { start, len })
     }
 
     /// A string starting at `"`; checks escapes and control characters.
     fn string(&mut self) -> Option<RawStr> {
-        self.i += 1;
-        let start = self.i;
+        let b = self.b;
+        let start = self.i + 1;
+        let mut i = start;
         let mut escaped = false;
         loop {
-            self.i += special_at(self.b.get(self.i..)?)?;
-            match self.b[self.i] {
+            // Eight bytes at a time while there are eight, then bytewise.
+            while let Some(w) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+                let hits = special_bytes(u64::from_le_bytes(*w));
+                if hits != 0 {
+                    i += (hits.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                i += 8;
+            }
+            while !is_special(*b.get(i)?) {
+                i += 1;
+            }
+            match b[i] {
                 b'"' => {
-                    let end = self.i;
-                    self.i += 1;
+                    self.i = i + 1;
                     return Some(RawStr {
                         start,
-                        end,
+                        end: i,
                         escaped,
                     });
                 }
                 b'\\' => {
                     escaped = true;
-                    match self.b.get(self.i + 1)? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
+                    match b.get(i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
                         b'u' => {
-                            let hex = self.b.get(self.i + 2..self.i + 6)?;
+                            let hex = b.get(i + 2..i + 6)?;
                             if !hex.iter().all(u8::is_ascii_hexdigit) {
                                 return None;
                             }
-                            self.i += 6;
+                            i += 6;
                         }
                         _ => return None,
                     }
@@ -742,21 +783,20 @@ impl<'a> Scanner<'a> {
 
     /// Skips any value, however deeply nested, without recursion.
     fn skip_value(&mut self) -> Option<()> {
-        // Open containers: true for an object, false for an array.
-        let mut stack: Vec<bool> = Vec::new();
+        let mut open = Containers::default();
         loop {
             self.ws();
             // A value.
             match self.peek()? {
-                b'{' | b'[' => {
-                    let object = self.peek()? == b'{';
+                c @ (b'{' | b'[') => {
+                    let object = c == b'{';
                     self.i += 1;
                     self.ws();
                     let close = if object { b'}' } else { b']' };
                     if self.peek()? == close {
                         self.i += 1;
                     } else {
-                        stack.push(object);
+                        open.push(object);
                         if object {
                             self.key()?;
                         }
@@ -776,7 +816,7 @@ impl<'a> Scanner<'a> {
             }
             // After a value: close containers or move to the next element.
             loop {
-                let Some(&object) = stack.last() else {
+                let Some(object) = open.last() else {
                     return Some(());
                 };
                 self.ws();
@@ -790,7 +830,7 @@ impl<'a> Scanner<'a> {
                     }
                     (b'}', true) | (b']', false) => {
                         self.i += 1;
-                        stack.pop();
+                        open.pop();
                     }
                     _ => return None,
                 }
@@ -809,35 +849,78 @@ impl<'a> Scanner<'a> {
     }
 }
 
-/// The offset of the first byte that ends or interrupts a JSON string
-/// (`"`, `\\` or a control character), eight bytes at a time.
-fn special_at(bytes: &[u8]) -> Option<usize> {
+/// The containers open while a value is skipped: true for an object,
+/// false for an array. The first 64 levels live in a bit set, so skipping
+/// allocates nothing unless the nesting is deeper than that.
+#[derive(Default)]
+struct Containers {
+    depth: usize,
+    bits: u64,
+    deeper: Vec<bool>,
+}
+
+impl Containers {
+    fn push(&mut self, object: bool) {
+        if self.depth < 64 {
+            self.bits = (self.bits & !(1 << self.depth)) | (u64::from(object) << self.depth);
+        } else {
+            self.deeper.push(object);
+        }
+        self.depth += 1;
+    }
+
+    fn last(&self) -> Option<bool> {
+        match self.depth {
+            0 => None,
+            d if d <= 64 => Some(self.bits >> (d - 1) & 1 == 1),
+            _ => self.deeper.last().copied(),
+        }
+    }
+
+    fn pop(&mut self) {
+        if self.depth > 64 {
+            self.deeper.pop();
+        }
+        self.depth = self.depth.saturating_sub(1);
+    }
+}
+
+/// True for the bytes that end or interrupt a JSON string: `"`, `\\` and
+/// control characters.
+fn is_special(c: u8) -> bool {
+    c == b'"' || c == b'\\' || c < 0x20
+}
+
+/// The special bytes of eight (little-endian) as flags: the lowest flagged
+/// byte is the first special one.
+fn special_bytes(v: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte is zero in x ^ pattern where it equals the pattern byte;
+    // (x - ONES) & !x & HIGH flags zero bytes (and bytes < 0x20 for the
+    // control test, with x = v itself shifted down by 0x20). Borrows only
+    // run upwards, so the lowest flag is always a true hit.
+    let quote = v ^ (ONES * u64::from(b'"'));
+    let slash = v ^ (ONES * u64::from(b'\\'));
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let control = v.wrapping_sub(ONES * 0x20) & !v & HIGH;
+    zero(quote) | zero(slash) | control
+}
+
+/// The offset of the first special byte (see [`is_special`]), if any.
+#[cfg(test)]
+fn special_at(bytes: &[u8]) -> Option<usize> {
     let mut at = 0;
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        let v = u64::from_le_bytes(b);
-        // A byte is zero in x ^ pattern where it equals the pattern byte;
-        // (x - ONES) & !x & HIGH flags zero bytes (and bytes < 0x20 for
-        // the control test, with x = v itself shifted down by 0x20).
-        let quote = v ^ (ONES * u64::from(b'"'));
-        let slash = v ^ (ONES * u64::from(b'\\'));
-        let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-        let control = v.wrapping_sub(ONES * 0x20) & !v & HIGH;
-        let hits = zero(quote) | zero(slash) | control;
+    while let Some(w) = bytes.get(at..).and_then(<[u8]>::first_chunk::<8>) {
+        let hits = special_bytes(u64::from_le_bytes(*w));
         if hits != 0 {
-            // The lowest flagged byte is always a true hit (borrows only
-            // run upwards), so it is the first special byte.
             return Some(at + (hits.trailing_zeros() / 8) as usize);
         }
         at += 8;
     }
     bytes[at..]
         .iter()
-        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .position(|&c| is_special(c))
         .map(|p| at + p)
 }
 
@@ -913,7 +996,7 @@ mod tests {
     fn command_fixture() {
         let (rk, body) = fixture("command");
         let env = Envelope::read(&rk, &body);
-        let v = env.view(&body);
+        let v = env.view();
         assert_eq!(v.kind(), MessageKind::Command);
         assert_eq!(v.format(), BodyFormat::CloudEvent);
         assert_eq!(v.spec_version(), Some("1.0"));
@@ -928,15 +1011,15 @@ mod tests {
         );
         assert_eq!(v.error_code(), None);
         assert!(!v.has_metrics());
-        // No copy: every string is a range of the payload.
-        assert!(matches!(env.id, Some(Text::Span { .. })));
+        // One allocation of the planned size holds every kept field.
+        assert!(env.text.len() <= TEXT_CAPACITY, "{}", env.text.len());
     }
 
     #[test]
     fn result_fixture_has_llm_metrics() {
         let (rk, body) = fixture("result");
         let env = Envelope::read(&rk, &body);
-        let v = env.view(&body);
+        let v = env.view();
         assert_eq!(v.kind(), MessageKind::Result);
         assert_eq!(v.status(), Some("SUCCESS"));
         assert_eq!(v.source(), Some("agent.writer.001"));
@@ -954,14 +1037,14 @@ mod tests {
         let (rk, body) = fixture("error");
         let env = Envelope::read(&rk, &body);
         assert_eq!(env.kind(), MessageKind::Error);
-        assert_eq!(env.view(&body).error_code(), Some("DEADLINE_EXCEEDED"));
-        assert_eq!(env.view(&body).execution_time_ms(), Some(30500.0));
+        assert_eq!(env.view().error_code(), Some("DEADLINE_EXCEEDED"));
+        assert_eq!(env.view().execution_time_ms(), Some(30500.0));
         let (rk, body) = fixture("event");
         assert_eq!(Envelope::read(&rk, &body).kind(), MessageKind::Event);
         let (rk, body) = fixture("control");
         let env = Envelope::read(&rk, &body);
         assert_eq!(env.kind(), MessageKind::Control);
-        assert_eq!(env.view(&body).source(), Some("human-operator"));
+        assert_eq!(env.view().source(), Some("human-operator"));
     }
 
     #[test]
@@ -1021,7 +1104,7 @@ mod tests {
             "subject":{"a":1},"data":{"status":null,"metrics":{"model":7,"tokens_used":"120",
             "cost_usd":"n/a","estimated_cost_usd":0.5},"output":"text","execution_time_ms":true}}"#;
         let env = Envelope::read("", body);
-        let v = env.view(body);
+        let v = env.view();
         assert_eq!(v.kind(), MessageKind::Result);
         assert_eq!(v.id(), None);
         assert_eq!(v.source(), None);
@@ -1034,15 +1117,15 @@ mod tests {
         assert_eq!(v.quality_score(), None);
         // data that is not an object
         let body = br#"{"type":"ai.team.command","data":[1,{"action":"x"}]}"#;
-        assert_eq!(Envelope::read("", body).view(body).action(), None);
+        assert_eq!(Envelope::read("", body).view().action(), None);
     }
 
     #[test]
     fn escaped_strings_are_decoded() {
         let body = br#"{"specversion":"1.0","type":"ai.team.command","source":"agent.\"w\"\u00e9","data":{"action":"gen"}}"#;
         let env = Envelope::read("", body);
-        assert_eq!(env.view(body).source(), Some("agent.\"w\"\u{e9}"));
-        assert_eq!(env.view(body).action(), Some("gen"));
+        assert_eq!(env.view().source(), Some("agent.\"w\"\u{e9}"));
+        assert_eq!(env.view().action(), Some("gen"));
     }
 
     #[test]
@@ -1087,9 +1170,37 @@ mod tests {
     }
 
     #[test]
-    fn view_with_another_payload_is_safe() {
-        let body = br#"{"specversion":"1.0","type":"ai.team.command","id":"abcdef"}"#;
-        let env = Envelope::read("", body);
-        assert_eq!(env.view(b"short").id(), None);
+    fn the_envelope_outlives_its_payload() {
+        let body = br#"{"specversion":"1.0","type":"ai.team.command","id":"ab\u00e9"}"#.to_vec();
+        let env = Envelope::read("", &body);
+        drop(body);
+        assert_eq!(env.view().id(), Some("ab\u{e9}"));
+        assert_eq!(env.view().event_type(), Some("ai.team.command"));
+    }
+
+    #[test]
+    fn event_type_names_round_trip() {
+        for kind in MessageKind::ALL {
+            match kind.event_type() {
+                Some(t) => assert_eq!(MessageKind::from_event_type(t), Some(kind)),
+                None => assert_eq!(kind, MessageKind::Unknown),
+            }
+        }
+    }
+
+    #[test]
+    fn containers_deeper_than_the_bit_set() {
+        for depth in [1usize, 63, 64, 65, 200] {
+            let mut open = Containers::default();
+            let shape: Vec<bool> = (0..depth).map(|i| i % 3 == 0).collect();
+            for &o in &shape {
+                open.push(o);
+            }
+            for &o in shape.iter().rev() {
+                assert_eq!(open.last(), Some(o), "depth {depth}");
+                open.pop();
+            }
+            assert_eq!(open.last(), None);
+        }
     }
 }

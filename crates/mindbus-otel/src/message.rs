@@ -270,9 +270,7 @@ impl<'a> OutgoingMessage<'a> {
     /// The MindBus envelope, read on first use and shared by all hooks.
     pub fn envelope(&mut self) -> EnvelopeRef<'_> {
         let payload = self.payload;
-        self.state
-            .envelope_for(self.routing_key, payload)
-            .view(payload)
+        self.state.envelope_for(self.routing_key, payload).view()
     }
 
     /// The state that follows this message to its publish result.
@@ -329,7 +327,7 @@ impl<'a> IncomingMessage<'a> {
         let d = self.delivery;
         self.state
             .envelope_for(d.routing_key.as_str(), &d.data)
-            .view(&d.data)
+            .view()
     }
 
     /// The state that follows this message to its settlement.

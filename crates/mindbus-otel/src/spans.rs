@@ -46,7 +46,7 @@
 //! Payloads are never recorded unless [`MessagingSpans::record_payload`]
 //! opts in (with a byte cap).
 
-use crate::envelope::MessageKind;
+use crate::envelope::{EnvelopeRef, MessageKind};
 use crate::interceptor::Interceptor;
 use crate::labels::FastMap;
 use crate::message::{
@@ -282,83 +282,96 @@ impl MessagingSpans {
         self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn common_attributes(&self, attrs: &mut Vec<KeyValue>, agent: Option<&Arc<str>>) {
+    fn common_attributes(&self, push: &mut dyn FnMut(KeyValue), agent: Option<&Arc<str>>) {
         if let Some((host, port)) = &self.inner.server {
-            attrs.push(KeyValue::new(SERVER_ADDRESS, Arc::clone(host)));
-            attrs.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
+            push(KeyValue::new(SERVER_ADDRESS, Arc::clone(host)));
+            push(KeyValue::new(SERVER_PORT, i64::from(*port)));
         }
         if let Some(agent) = agent {
-            attrs.push(KeyValue::new(MINDBUS_AGENT, Arc::clone(agent)));
+            push(KeyValue::new(MINDBUS_AGENT, Arc::clone(agent)));
         }
     }
 
-    /// The attributes both directions record once a span records.
+    /// The attributes both directions record about the message itself and
+    /// its MindBus envelope (only for spans that record).
+    #[allow(clippy::too_many_arguments)]
     fn message_attributes(
         &self,
-        attrs: &mut Vec<KeyValue>,
+        push: &mut dyn FnMut(KeyValue),
         agent: Option<&Arc<str>>,
         temporary: bool,
         routing_key: &str,
         props: &lapin::BasicProperties,
         payload: &[u8],
+        env: &EnvelopeRef<'_>,
     ) {
-        self.common_attributes(attrs, agent);
+        self.common_attributes(push, agent);
         if temporary {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+            push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+            push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
         }
         if !routing_key.is_empty() {
-            attrs.push(KeyValue::new(
+            push(KeyValue::new(
                 MESSAGING_RABBITMQ_ROUTING_KEY,
                 routing_key.to_owned(),
             ));
         }
+        // MindBus gives a COMMAND the same id as AMQP message id, AMQP
+        // correlation id and CloudEvents id: one shared copy for all three.
+        let mut ids = SharedIds::default();
         if let Some(id) = props.message_id() {
-            attrs.push(KeyValue::new(MESSAGING_MESSAGE_ID, id.as_str().to_owned()));
+            push(KeyValue::new(MESSAGING_MESSAGE_ID, ids.value(id.as_str())));
         }
         if let Some(c) = props.correlation_id() {
-            attrs.push(KeyValue::new(
+            push(KeyValue::new(
                 MESSAGING_MESSAGE_CONVERSATION_ID,
-                c.as_str().to_owned(),
+                ids.value(c.as_str()),
             ));
         }
-        attrs.push(KeyValue::new(
+        push(KeyValue::new(
             MESSAGING_MESSAGE_BODY_SIZE,
             payload.len() as i64,
         ));
-        self.payload_attribute(attrs, payload);
-    }
+        self.payload_attribute(push, payload);
 
-    /// The CloudEvents/MindBus attributes; low-cardinality values are
-    /// shared, not copied.
-    fn envelope_attributes(&self, attrs: &mut Vec<KeyValue>, env: &crate::EnvelopeRef<'_>) {
         let names = &self.inner.names;
-        let shared = [
+        for (k, v) in [
             (MINDBUS_ACTION, env.action()),
             (MINDBUS_ERROR_CODE, env.error_code()),
             (CLOUDEVENTS_EVENT_SOURCE, env.source()),
-            (CLOUDEVENTS_EVENT_TYPE, env.event_type()),
-            (CLOUDEVENTS_EVENT_SPEC_VERSION, env.spec_version()),
-        ];
-        for (k, v) in shared {
-            if let Some(v) = v {
-                attrs.push(KeyValue::new(k, names.value(cap(v))));
-            }
-        }
-        for (k, v) in [
-            (CLOUDEVENTS_EVENT_ID, env.id()),
-            (CLOUDEVENTS_EVENT_SUBJECT, env.subject()),
         ] {
             if let Some(v) = v {
-                attrs.push(KeyValue::new(k, cap(v).to_owned()));
+                push(KeyValue::new(k, names.value(cap(v))));
             }
+        }
+        // MindBus's own types and spec version are static strings.
+        if let Some(t) = env.event_type() {
+            let known = MessageKind::from_event_type(t).and_then(MessageKind::event_type);
+            push(KeyValue::new(
+                CLOUDEVENTS_EVENT_TYPE,
+                known.map_or_else(|| names.value(cap(t)), Value::from),
+            ));
+        }
+        if let Some(v) = env.spec_version() {
+            let value = if v == "1.0" {
+                Value::from("1.0")
+            } else {
+                names.value(cap(v))
+            };
+            push(KeyValue::new(CLOUDEVENTS_EVENT_SPEC_VERSION, value));
+        }
+        if let Some(v) = env.id() {
+            push(KeyValue::new(CLOUDEVENTS_EVENT_ID, ids.value(cap(v))));
+        }
+        if let Some(v) = env.subject() {
+            push(KeyValue::new(CLOUDEVENTS_EVENT_SUBJECT, cap(v).to_owned()));
         }
     }
 
-    fn payload_attribute(&self, attrs: &mut Vec<KeyValue>, payload: &[u8]) {
+    fn payload_attribute(&self, push: &mut dyn FnMut(KeyValue), payload: &[u8]) {
         if let Some(cap) = self.inner.payload_cap {
             let shown = &payload[..payload.len().min(cap)];
-            attrs.push(KeyValue::new(
+            push(KeyValue::new(
                 MINDBUS_MESSAGE_BODY,
                 String::from_utf8_lossy(shown).into_owned(),
             ));
@@ -406,6 +419,38 @@ impl MessagingSpans {
 /// Longest attribute value taken from a message body: producers are not
 /// trusted to keep ids and names short.
 pub const MAX_BODY_ATTRIBUTE_LEN: usize = 256;
+
+/// Room for every attribute a span can get (5 at creation, up to 20 more
+/// when it records, 3 at its end), so the SDK never grows the vector.
+const ATTRIBUTES_CAPACITY: usize = 32;
+
+/// A span builder that keeps the capacity of `attributes` (the builder's
+/// `with_attributes` would collect them into a new, exactly-sized vector).
+fn builder(name: Cow<'static, str>, kind: SpanKind, attributes: Vec<KeyValue>) -> SpanBuilder {
+    let mut builder = SpanBuilder::from_name(name).with_kind(kind);
+    builder.attributes = Some(attributes);
+    builder
+}
+
+/// Attribute values for a message's ids, sharing one reference-counted
+/// copy between equal ids.
+#[derive(Default)]
+struct SharedIds {
+    last: Option<Arc<str>>,
+}
+
+impl SharedIds {
+    fn value(&mut self, id: &str) -> Value {
+        match &self.last {
+            Some(last) if **last == *id => Value::from(Arc::clone(last)),
+            _ => {
+                let shared: Arc<str> = Arc::from(id);
+                self.last = Some(Arc::clone(&shared));
+                Value::from(shared)
+            }
+        }
+    }
+}
 
 /// `value` cut to [`MAX_BODY_ATTRIBUTE_LEN`] bytes at a character boundary.
 fn cap(value: &str) -> &str {
@@ -610,7 +655,7 @@ impl Interceptor for MessagingSpans {
 
         // What samplers may look at is given at creation; the details only
         // when the span records (nothing is computed for unsampled spans).
-        let mut attrs = Vec::with_capacity(24);
+        let mut attrs = Vec::with_capacity(ATTRIBUTES_CAPACITY);
         attrs.extend([
             KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
             KeyValue::new(MESSAGING_OPERATION_NAME, "publish"),
@@ -618,31 +663,25 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_DESTINATION_NAME, dest_value),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
-        let details = |attrs: &mut Vec<KeyValue>, msg: &mut OutgoingMessage<'_>| {
-            self.message_attributes(
-                attrs,
-                msg.state().agent_shared(),
-                temporary,
-                routing_key,
-                msg.properties(),
-                msg.payload(),
-            );
-            if rpc {
-                attrs.push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
-            }
-            let env = msg.envelope();
-            self.envelope_attributes(attrs, &env);
-        };
         let error_code = (kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
-        let builder = SpanBuilder::from_name(name)
-            .with_kind(SpanKind::Producer)
-            .with_attributes(attrs);
-        let mut span = self.start(builder, &parent);
+        let mut span = self.start(builder(name, SpanKind::Producer, attrs), &parent);
         if span.is_recording() {
-            let mut more = Vec::with_capacity(20);
-            details(&mut more, msg);
-            span.set_attributes(more);
+            let push = &mut |kv| span.set_attribute(kv);
+            if rpc {
+                push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
+            }
+            let agent = msg.state().agent_shared().cloned();
+            let (payload, props) = (msg.payload(), msg.properties());
+            self.message_attributes(
+                push,
+                agent.as_ref(),
+                temporary,
+                routing_key,
+                props,
+                payload,
+                &msg.envelope(),
+            );
             if kind == MessageKind::Error {
                 span.set_status(Status::error("ai.team.error"));
             }
@@ -728,7 +767,7 @@ impl Interceptor for MessagingSpans {
         } else {
             remote
         };
-        let mut attrs = Vec::with_capacity(24);
+        let mut attrs = Vec::with_capacity(ATTRIBUTES_CAPACITY);
         attrs.extend([
             KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
             KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
@@ -736,40 +775,33 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_DESTINATION_NAME, destination),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
-        let details = |attrs: &mut Vec<KeyValue>, msg: &mut IncomingMessage<'_>| {
-            let delivery = msg.delivery();
-            attrs.push(KeyValue::new(
-                MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
-                queue_value.clone(),
-            ));
-            attrs.push(KeyValue::new(
-                MESSAGING_RABBITMQ_DELIVERY_TAG,
-                delivery.delivery_tag as i64,
-            ));
-            self.message_attributes(
-                attrs,
-                msg.state().agent_shared(),
-                temporary,
-                delivery.routing_key.as_str(),
-                &delivery.properties,
-                &delivery.data,
-            );
-            let env = msg.envelope();
-            self.envelope_attributes(attrs, &env);
-        };
         let error_code = (kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
-        let mut builder = SpanBuilder::from_name(name)
-            .with_kind(SpanKind::Consumer)
-            .with_attributes(attrs);
+        let mut builder = builder(name, SpanKind::Consumer, attrs);
         if producer.is_valid() {
             builder = builder.with_links(vec![Link::with_context(producer)]);
         }
         let mut span = self.start(builder, &parent);
         if span.is_recording() {
-            let mut more = Vec::with_capacity(20);
-            details(&mut more, msg);
-            span.set_attributes(more);
+            let push = &mut |kv| span.set_attribute(kv);
+            push(KeyValue::new(
+                MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
+                queue_value,
+            ));
+            push(KeyValue::new(
+                MESSAGING_RABBITMQ_DELIVERY_TAG,
+                delivery.delivery_tag as i64,
+            ));
+            let agent = msg.state().agent_shared().cloned();
+            self.message_attributes(
+                push,
+                agent.as_ref(),
+                temporary,
+                delivery.routing_key.as_str(),
+                &delivery.properties,
+                &delivery.data,
+                &msg.envelope(),
+            );
             if kind == MessageKind::Error {
                 span.set_status(Status::error("ai.team.error"));
             }
