@@ -743,8 +743,8 @@ impl Chain {
                 let dropped = s.pending_or_dropped();
                 (
                     format!(
-                        "started {started}, ended {ended}; mindbus-telemetry: handed to the batch processor {}, exported {}, failed {}, dropped (queue full) {dropped}",
-                        s.ended, s.exported, s.failed
+                        "started {started}, ended {ended}; mindbus-telemetry: handed to the batch processor {}, exported {}, failed {} ({} shed while backing off), dropped (queue full) {dropped}",
+                        s.ended, s.exported, s.failed, s.shed
                     ),
                     dropped,
                 )

@@ -2,8 +2,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use opentelemetry::{Context, InstrumentationScope};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -22,6 +22,7 @@ pub(crate) struct ExportStats {
     pub(crate) ended: AtomicU64,
     pub(crate) exported: AtomicU64,
     pub(crate) failed: AtomicU64,
+    pub(crate) shed: AtomicU64,
 }
 
 /// Span counts of the exporting providers, for comparing spans started with spans
@@ -35,6 +36,10 @@ pub struct SpanStats {
     pub exported: u64,
     /// Spans whose export failed (collector down, timeout, error answer).
     pub failed: u64,
+    /// Of `failed`: spans dropped without an export attempt, while the
+    /// exporter backed off from a collector that had just failed (see
+    /// [`init`](crate::init)): they cost no encoding and no connection.
+    pub shed: u64,
 }
 
 impl SpanStats {
@@ -51,6 +56,7 @@ impl ExportStats {
             ended: self.ended.load(Ordering::Relaxed),
             exported: self.exported.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            shed: self.shed.load(Ordering::Relaxed),
         }
     }
 }
@@ -187,8 +193,70 @@ fn settle(
     }
 }
 
+/// The first pause after a failed export.
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts at a failing collector.
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Backs off from a collector that fails: after a failed export, batches are
+/// dropped (and counted) without being encoded or sent until the pause is
+/// over; the next batch then probes the collector. Each failure in a row
+/// doubles the pause (1 s, 2 s, 4 s, then 5 s); one success ends it.
+///
+/// Without it a dead collector costs more CPU than a working one: the OTLP
+/// exporter converts every batch to protobuf and retries it three times.
+/// Either way the spans of a collector outage are lost (the queue overflows
+/// while retries wait); with it they are lost cheaply, and at most one pause
+/// of spans after the collector comes back.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    origin: Instant,
+    /// When the next attempt may go, in milliseconds since `origin`.
+    next_attempt_ms: AtomicU64,
+    failures: AtomicU32,
+}
+
+impl Breaker {
+    pub(crate) fn new() -> Breaker {
+        Breaker {
+            origin: Instant::now(),
+            next_attempt_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// True when an export may be attempted at `now_ms`.
+    fn allows(&self, now_ms: u64) -> bool {
+        now_ms >= self.next_attempt_ms.load(Ordering::Acquire)
+    }
+
+    /// Records an attempt's outcome, finished at `now_ms`.
+    fn record(&self, ok: bool, now_ms: u64) {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            self.next_attempt_ms.store(0, Ordering::Release);
+            return;
+        }
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let pause = FIRST_PAUSE
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(MAX_PAUSE);
+        let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+        self.next_attempt_ms
+            .store(now_ms.saturating_add(pause_ms), Ordering::Release);
+    }
+}
+
 /// A span exporter that runs the wrapped OTLP exporter on the background runtime,
-/// bounds every export by a timeout, and counts exported and failed spans.
+/// bounds every export by a timeout, counts exported and failed spans, and
+/// backs off from a failing collector ([`Breaker`]).
 #[derive(Debug)]
 pub(crate) struct RuntimeSpanExporter {
     inner: Arc<opentelemetry_otlp::SpanExporter>,
@@ -196,6 +264,7 @@ pub(crate) struct RuntimeSpanExporter {
     timeout: Duration,
     stats: Arc<ExportStats>,
     closed: Arc<AtomicBool>,
+    breaker: Arc<Breaker>,
 }
 
 impl RuntimeSpanExporter {
@@ -212,6 +281,7 @@ impl RuntimeSpanExporter {
             timeout,
             stats,
             closed,
+            breaker: Arc::new(Breaker::new()),
         }
     }
 }
@@ -220,9 +290,12 @@ impl SpanExporter for RuntimeSpanExporter {
     fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
         let count = batch.len() as u64;
         let stats = Arc::clone(&self.stats);
+        let breaker = Arc::clone(&self.breaker);
         let timeout = self.timeout;
+        let closed = self.closed.load(Ordering::Acquire);
+        let attempt = !closed && breaker.allows(breaker.now_ms());
         // Spawned now, so the batch never waits for the caller's executor.
-        let task = (!self.closed.load(Ordering::Acquire)).then(|| {
+        let task = attempt.then(|| {
             let inner = Arc::clone(&self.inner);
             self.handle.spawn(async move {
                 // The OTLP exporter's own timeout bounds its retries; this one
@@ -232,8 +305,18 @@ impl SpanExporter for RuntimeSpanExporter {
         });
         async move {
             let result = match task {
-                Some(task) => settle(task.await, timeout),
-                None => Err(OTelSdkError::AlreadyShutdown),
+                Some(task) => {
+                    let result = settle(task.await, timeout);
+                    breaker.record(result.is_ok(), breaker.now_ms());
+                    result
+                }
+                None if closed => Err(OTelSdkError::AlreadyShutdown),
+                None => {
+                    stats.shed.fetch_add(count, Ordering::Relaxed);
+                    Err(OTelSdkError::InternalFailure(
+                        "collector failed recently: batch dropped while backing off".to_owned(),
+                    ))
+                }
             };
             let counter = if result.is_ok() {
                 &stats.exported
@@ -364,6 +447,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_breaker_backs_off_and_closes_on_success() {
+        let b = Breaker::new();
+        assert!(b.allows(0));
+        b.record(true, 10);
+        assert!(b.allows(10));
+        // Failures in a row: 1 s, 2 s, 4 s, then 5 s.
+        let mut at = 1_000;
+        for pause in [1_000, 2_000, 4_000, 5_000, 5_000, 5_000] {
+            b.record(false, at);
+            assert!(!b.allows(at), "{pause}");
+            assert!(!b.allows(at + pause - 1), "{pause}");
+            assert!(b.allows(at + pause), "{pause}");
+            at += pause;
+        }
+        // One success ends the pause and the escalation.
+        b.record(true, at);
+        assert!(b.allows(at));
+        b.record(false, at);
+        assert!(b.allows(at + 1_000) && !b.allows(at + 999));
+    }
+
+    #[test]
     fn endpoints() {
         for good in [
             "http://127.0.0.1:4317",
@@ -395,6 +500,7 @@ mod tests {
             ended: 10,
             exported: 6,
             failed: 1,
+            shed: 1,
         };
         assert_eq!(stats.pending_or_dropped(), 3);
     }
