@@ -13,7 +13,7 @@ use mindbus_otel::lapin::message::Delivery;
 use mindbus_otel::lapin::options::BasicPublishOptions;
 use mindbus_otel::lapin::types::{AMQPValue, FieldTable, LongString};
 use mindbus_otel::{
-    AgentMetrics, Interceptor, InterceptorChain, MessagingSpans, Outcome, PublishResult,
+    AgentMetrics, Envelope, Interceptor, InterceptorChain, MessagingSpans, Outcome, PublishResult,
     Settlement, TaskMetrics, TraceContext,
 };
 use opentelemetry::Context;
@@ -117,6 +117,16 @@ fn bench(c: &mut Criterion) {
     let task = sampled.tracer("bench").start("execute_task");
     let task_cx = Context::new().with_span(task);
 
+    // The envelope read alone: every interceptor that needs the envelope
+    // shares one read per message.
+    let mut envelope = c.benchmark_group("envelope");
+    for (body_name, body) in &bodies {
+        envelope.bench_with_input(BenchmarkId::new("read", body_name), body, |b, body| {
+            b.iter(|| black_box(Envelope::read("cmd.writer.any", black_box(body))));
+        });
+    }
+    envelope.finish();
+
     let mut publish = c.benchmark_group("publish");
     for (body_name, body) in &bodies {
         for (name, chain) in &chains {
@@ -176,6 +186,7 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 /// `MINDBUS_PROFILE=publish|consume/<chain>/<body> [MINDBUS_PROFILE_N=100000]`
+/// (or `envelope/read/<body>` for the envelope read alone)
 /// runs one case in a plain loop, for `valgrind --tool=callgrind` (whose
 /// instruction counts do not depend on what else the machine is doing).
 fn profile(case: &str) {
@@ -187,6 +198,17 @@ fn profile(case: &str) {
     let [side, chain_name, body_name] = parts[..] else {
         panic!("MINDBUS_PROFILE=side/chain/body, e.g. consume/full_sampled/cloudevent");
     };
+    let body = if body_name == "cloudevent" {
+        COMMAND.to_vec()
+    } else {
+        non_json()
+    };
+    if side == "envelope" {
+        for _ in 0..n {
+            black_box(Envelope::read("cmd.writer.any", black_box(&body)));
+        }
+        return;
+    }
     let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
     let sampled = provider(true);
     let unsampled = provider(false);
@@ -195,11 +217,6 @@ fn profile(case: &str) {
         .iter()
         .find(|(n, _)| *n == chain_name)
         .expect("chain name");
-    let body = if body_name == "cloudevent" {
-        COMMAND.to_vec()
-    } else {
-        non_json()
-    };
     if side == "publish" {
         let task = sampled.tracer("bench").start("execute_task");
         let _guard = Context::new().with_span(task).attach();
