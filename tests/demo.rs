@@ -8,11 +8,11 @@ mod dashboards;
 
 use common::*;
 use futures_util::StreamExt;
-use mindbus_otel::lapin::BasicProperties;
 use mindbus_otel::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
 };
 use mindbus_otel::lapin::types::FieldTable;
+use mindbus_otel::lapin::{BasicProperties, Connection, ConnectionProperties};
 use mindbus_otel_testkit::{OtlpReceiver, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -81,15 +81,68 @@ fn isolated(cmd: &mut Command, prefix: &str, exchange: &str) {
         .kill_on_drop(true);
 }
 
-async fn cleanup(prefix: &str, exchange: &str) {
-    let conn = connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    for q in ["agent.writer", "agent.critic", "mindbus.dead-letters"] {
-        delete_queue(&ch, &format!("{prefix}{q}")).await;
+/// Deletes what the demo declared (durable, as MindBus requires, so nothing
+/// expires on its own), when the test ends or, if it fails midway, when
+/// the guard is dropped during the unwinding.
+struct Cleanup {
+    prefix: String,
+    exchange: String,
+    done: bool,
+}
+
+impl Cleanup {
+    fn new(prefix: &str, exchange: &str) -> Cleanup {
+        Cleanup {
+            prefix: prefix.to_owned(),
+            exchange: exchange.to_owned(),
+            done: false,
+        }
     }
-    delete_exchange(&ch, exchange).await;
-    delete_exchange(&ch, &format!("{prefix}mindbus.dlx")).await;
-    conn.close(200, "bye".into()).await.ok();
+
+    async fn delete(prefix: &str, exchange: &str) {
+        // Best effort: a failing test must not panic again here.
+        let Ok(conn) = Connection::connect(&url(), ConnectionProperties::default()).await else {
+            return;
+        };
+        if let Ok(ch) = conn.create_channel().await {
+            for q in ["agent.writer", "agent.critic", "mindbus.dead-letters"] {
+                delete_queue(&ch, &format!("{prefix}{q}")).await;
+            }
+            delete_exchange(&ch, exchange).await;
+            delete_exchange(&ch, &format!("{prefix}mindbus.dlx")).await;
+        }
+        conn.close(200, "bye".into()).await.ok();
+    }
+
+    async fn run(mut self) {
+        self.done = true;
+        Cleanup::delete(&self.prefix, &self.exchange).await;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // The test's runtime may be unwinding: clean up on a thread of our own.
+        let (prefix, exchange) = (self.prefix.clone(), self.exchange.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        Cleanup::delete(&prefix, &exchange),
+                    )
+                    .await;
+                });
+            }
+        })
+        .join();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,6 +150,7 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
     let rx = OtlpReceiver::start().await.unwrap();
     let prefix = format!("{}.", unique("demo"));
     let exchange = unique("demo.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
     let port = free_port();
     let mut cmd = Command::new(demo_binary());
     cmd.args(["--tasks", "3", "--linger", "3"])
@@ -201,7 +255,7 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
         missing.is_empty(),
         "dashboards use metrics the demo does not expose: {missing:?}\nexposed: {exposed:?}"
     );
-    cleanup(&prefix, &exchange).await;
+    cleanup.run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,6 +263,7 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
     let rx = OtlpReceiver::start().await.unwrap();
     let prefix = format!("{}.", unique("role"));
     let exchange = unique("role.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
     let mut cmd = Command::new(demo_binary());
     cmd.args(["--role", "writer", "--max-messages", "2"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
@@ -327,5 +382,64 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
         assert_eq!(process.service_name.as_deref(), Some("writer"));
     }
     conn.close(200, "bye".into()).await.ok();
-    cleanup(&prefix, &exchange).await;
+    cleanup.run().await;
+}
+
+/// The guard also cleans up when a test fails midway (it is dropped
+/// without `run`): durable leftovers would otherwise stay on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_guard_deletes_on_drop() {
+    let prefix = format!("{}.", unique("guard"));
+    let exchange = unique("guard.bus");
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let queue = format!("{prefix}agent.writer");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    declare_exchange(&ch, &exchange, mindbus_otel::lapin::ExchangeKind::Topic).await;
+
+    drop(Cleanup::new(&prefix, &exchange));
+
+    let passive = |name: &str| {
+        let conn = &conn;
+        let name = name.to_owned();
+        async move {
+            let probe = conn.create_channel().await.unwrap();
+            probe
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok()
+        }
+    };
+    assert!(!passive(&queue).await, "the queue was deleted");
+    let probe = conn.create_channel().await.unwrap();
+    let exchange_left = probe
+        .exchange_declare(
+            exchange.as_str().into(),
+            mindbus_otel::lapin::ExchangeKind::Topic,
+            mindbus_otel::lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    assert!(!exchange_left, "the exchange was deleted");
+    conn.close(200, "bye".into()).await.ok();
 }
