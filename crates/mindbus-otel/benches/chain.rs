@@ -16,10 +16,12 @@ use mindbus_otel::{
     AgentMetrics, Envelope, Interceptor, InterceptorChain, MessagingSpans, Outcome, PublishResult,
     Settlement, TaskMetrics, TraceContext,
 };
-use opentelemetry::Context;
-use opentelemetry::trace::{TraceContextExt, Tracer, TracerProvider as _};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt, Tracer, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -59,6 +61,26 @@ fn command_props() -> BasicProperties {
         .with_reply_to("orchestrator.results".into())
         .with_correlation_id("5b0f6c1e-7c35-4c1d-9f0e-3f1d2b6a9a01".into())
         .with_message_id("5b0f6c1e-7c35-4c1d-9f0e-3f1d2b6a9a01".into())
+}
+
+/// A delivery as a traced producer sends it: W3C header and `body`.
+fn traced_delivery(body: &[u8]) -> Delivery {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(LongString::from(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )),
+    );
+    let mut delivery = Delivery::mock(
+        1,
+        "mindbus.main".into(),
+        "cmd.writer.any".into(),
+        false,
+        body.to_vec(),
+    );
+    delivery.properties = command_props().with_headers(headers);
+    delivery
 }
 
 fn chains(
@@ -106,6 +128,92 @@ fn chains(
     ]
 }
 
+/// The floor: what a user writing the instrumentation by hand with the same
+/// SDK pays per message (the "hand-written span + inject + counter"):
+/// a span with the attributes the AMQP properties give (no body parsing, no
+/// MindBus or CloudEvents attributes, no agent or task metrics), the W3C
+/// header through the SDK's own propagator, and one counter. Plain
+/// injector and extractor over the AMQP headers, tolerating nothing.
+struct Headers<'a>(&'a mut FieldTable);
+
+impl Injector for Headers<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0
+            .insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+    }
+}
+
+struct ReadHeaders<'a>(&'a FieldTable);
+
+impl Extractor for ReadHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0.inner().get(key)? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.inner().keys().map(|k| k.as_str()).collect()
+    }
+}
+
+fn handwritten_attributes(props: &BasicProperties, body: &[u8], op: &'static str) -> Vec<KeyValue> {
+    let text = |v: Option<&mindbus_otel::lapin::types::ShortString>| {
+        v.map(|s| s.as_str().to_owned()).unwrap_or_default()
+    };
+    vec![
+        KeyValue::new("messaging.system", "rabbitmq"),
+        KeyValue::new("messaging.operation.name", op),
+        KeyValue::new("messaging.operation.type", op),
+        KeyValue::new("messaging.destination.name", "mindbus.main"),
+        KeyValue::new(
+            "messaging.rabbitmq.destination.routing_key",
+            "cmd.writer.any".to_owned(),
+        ),
+        KeyValue::new("messaging.message.id", text(props.message_id().as_ref())),
+        KeyValue::new(
+            "messaging.message.conversation_id",
+            text(props.correlation_id().as_ref()),
+        ),
+        KeyValue::new("messaging.message.body.size", body.len() as i64),
+    ]
+}
+
+/// Hand-written publish instrumentation; returns the properties to publish.
+fn handwritten_publish(tracer: &SdkTracer, body: &[u8]) -> BasicProperties {
+    let props = command_props();
+    let span = tracer
+        .span_builder("publish mindbus.main")
+        .with_kind(SpanKind::Producer)
+        .with_attributes(handwritten_attributes(&props, body, "publish"))
+        .start(tracer);
+    let cx = Context::current_with_span(span);
+    let mut headers = FieldTable::default();
+    TraceContextPropagator::new().inject_context(&cx, &mut Headers(&mut headers));
+    metrics::counter!("handwritten_sent_total", "agent" => "orchestrator-core").increment(1);
+    cx.span().end();
+    props.with_headers(headers)
+}
+
+/// Hand-written consume instrumentation, around a handler that does nothing.
+fn handwritten_consume(tracer: &SdkTracer, delivery: &Delivery) {
+    let empty = FieldTable::default();
+    let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
+    let parent = TraceContextPropagator::new().extract(&ReadHeaders(headers));
+    let mut span = tracer
+        .span_builder("process mindbus.main")
+        .with_kind(SpanKind::Consumer)
+        .with_attributes(handwritten_attributes(
+            &delivery.properties,
+            &delivery.data,
+            "process",
+        ))
+        .start_with_context(tracer, &parent);
+    metrics::counter!("handwritten_consumed_total", "agent" => "agent.writer").increment(1);
+    span.end();
+}
+
 fn bench(c: &mut Criterion) {
     let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
     let sampled = provider(true);
@@ -148,25 +256,9 @@ fn bench(c: &mut Criterion) {
     }
     publish.finish();
 
-    // Deliveries as a traced producer sends them: W3C headers + body.
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "traceparent".into(),
-        AMQPValue::LongString(LongString::from(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )),
-    );
-    let props = command_props().with_headers(headers);
     let mut consume = c.benchmark_group("consume");
     for (body_name, body) in &bodies {
-        let mut delivery = Delivery::mock(
-            1,
-            "mindbus.main".into(),
-            "cmd.writer.any".into(),
-            false,
-            body.clone(),
-        );
-        delivery.properties = props.clone();
+        let delivery = traced_delivery(body);
         for (name, chain) in &chains {
             consume.bench_function(BenchmarkId::new(*name, body_name), |b| {
                 b.iter(|| {
@@ -178,6 +270,23 @@ fn bench(c: &mut Criterion) {
         }
     }
     consume.finish();
+
+    // The floor (see `handwritten_publish`): compare `instrumented` with
+    // `raw` (the properties alone), and with the chains' cost over `empty`.
+    let tracer = sampled.tracer("handwritten");
+    let mut hand = c.benchmark_group("handwritten");
+    hand.bench_function("publish/raw", |b| {
+        b.iter(|| black_box(command_props()));
+    });
+    hand.bench_function("publish/instrumented", |b| {
+        let _guard = task_cx.clone().attach();
+        b.iter(|| black_box(handwritten_publish(&tracer, black_box(COMMAND))));
+    });
+    let delivery = traced_delivery(COMMAND);
+    hand.bench_function("consume/instrumented", |b| {
+        b.iter(|| handwritten_consume(&tracer, black_box(&delivery)));
+    });
+    hand.finish();
     drop(task_cx);
     let _ = sampled.shutdown();
     let _ = unsampled.shutdown();
@@ -186,7 +295,8 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 /// `MINDBUS_PROFILE=publish|consume/<chain>/<body> [MINDBUS_PROFILE_N=100000]`
-/// (or `envelope/read/<body>` for the envelope read alone)
+/// (or `envelope/read/<body>` for the envelope read alone, or
+/// `handwritten/publish|consume/cloudevent` for the hand-written floor)
 /// runs one case in a plain loop, for `valgrind --tool=callgrind` (whose
 /// instruction counts do not depend on what else the machine is doing).
 fn profile(case: &str) {
@@ -212,6 +322,21 @@ fn profile(case: &str) {
     let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
     let sampled = provider(true);
     let unsampled = provider(false);
+    if side == "handwritten" {
+        let tracer = sampled.tracer("handwritten");
+        let task = sampled.tracer("bench").start("execute_task");
+        let _guard = Context::new().with_span(task).attach();
+        let delivery = traced_delivery(&body);
+        for _ in 0..n {
+            match chain_name {
+                "publish" => {
+                    black_box(handwritten_publish(&tracer, &body));
+                }
+                _ => handwritten_consume(&tracer, black_box(&delivery)),
+            }
+        }
+        return;
+    }
     let chains = chains(&sampled, &unsampled);
     let (_, chain) = chains
         .iter()
@@ -232,21 +357,7 @@ fn profile(case: &str) {
             black_box(props);
         }
     } else {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(LongString::from(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )),
-        );
-        let mut delivery = Delivery::mock(
-            1,
-            "mindbus.main".into(),
-            "cmd.writer.any".into(),
-            false,
-            body,
-        );
-        delivery.properties = command_props().with_headers(headers);
+        let delivery = traced_delivery(&body);
         for _ in 0..n {
             let mut state = chain.start_delivery(&delivery, "agent.writer", false);
             chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
