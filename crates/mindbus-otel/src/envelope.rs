@@ -671,6 +671,7 @@ impl<'a> Scanner<'a> {
     /// A kept string, validated (and decoded if escaped) into the text
     /// buffer; `None` when it is not UTF-8 (the field then reads as absent,
     /// as a field of another type does).
+    #[inline(always)]
     fn keep(&mut self, raw: RawStr) -> Option<Text> {
         let bytes = &self.b[raw.start..raw.end];
         let start = u32::try_from(self.text.len()).ok()?;
@@ -694,6 +695,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string starting at `"`; checks escapes and control characters.
+    #[inline(always)]
     fn string(&mut self) -> Option<RawStr> {
         let b = self.b;
         let start = self.i + 1;
