@@ -20,7 +20,11 @@
 //! | `mindbus_otel_task_fields_missing_total` | counter | `field` | RESULT/ERROR fields that were absent or malformed (skipped) |
 //!
 //! A RESULT or ERROR is matched to its COMMAND by `correlation_id` (the
-//! reference client uses the COMMAND's CloudEvents `id`). The pending table
+//! reference client uses the COMMAND's CloudEvents `id`). A COMMAND enters
+//! the table when its publish starts, so a reply that arrives before the
+//! publish result (confirms awaited in batches, or a slow wake-up after the
+//! write) still ends it with a duration; a publish that fails or is nacked
+//! takes it out again and is not counted as pending. The pending table
 //! is bounded ([`TaskMetrics::max_pending`]); entries leave it on reply, on
 //! expiry (the COMMAND's `expiration`, default 300 s, at most one hour) or
 //! when evicted as the oldest of a full table (counted as expired). A reply
@@ -272,9 +276,16 @@ impl TaskMetrics {
         self.in_progress(t.entries.len());
     }
 
-    fn command_sent(&self, correlation_id: &str, action: LabelId, ttl: Duration) {
+    /// Registers a COMMAND about to be sent; returns its table key and
+    /// deadline, which identify the entry (see [`TaskMetrics::command_failed`]).
+    fn command_sent(
+        &self,
+        correlation_id: &str,
+        action: LabelId,
+        ttl: Duration,
+    ) -> Option<(u64, Instant)> {
         let Ok(mut t) = self.inner.table.lock() else {
-            return;
+            return None;
         };
         let now = Instant::now();
         self.sweep(&mut t, now);
@@ -290,7 +301,7 @@ impl TaskMetrics {
             }
         }
         if self.inner.max_pending == 0 {
-            return;
+            return None;
         }
         let deadline = now + ttl;
         t.entries.insert(
@@ -303,6 +314,23 @@ impl TaskMetrics {
         );
         t.deadlines.push(Reverse((deadline, key)));
         self.in_progress(t.entries.len());
+        Some((key, deadline))
+    }
+
+    /// A registered COMMAND whose publish failed (or was nacked) leaves the
+    /// table, unless it is gone already: then it did reach an agent (its
+    /// reply came first) or it expired, and it counts as sent. Returns true
+    /// when the COMMAND counts as sent.
+    fn command_failed(&self, key: u64, deadline: Instant) -> bool {
+        let Ok(mut t) = self.inner.table.lock() else {
+            return false;
+        };
+        if t.entries.get(&key).is_some_and(|p| p.deadline == deadline) {
+            t.entries.remove(&key);
+            self.in_progress(t.entries.len());
+            return false;
+        }
+        true
     }
 
     fn reply_received(&self, correlation_id: &str) -> Option<Pending> {
@@ -324,11 +352,12 @@ fn ttl_of(expiration: Option<&str>) -> Duration {
         .min(MAX_TTL)
 }
 
-/// A COMMAND being sent, remembered until its publish succeeds.
+/// A COMMAND being sent: registered in the table before the publish (so a
+/// reply that overtakes the publish result still finds it), and counted as
+/// pending once the publish succeeds.
 struct CommandOut {
-    correlation_id: Box<str>,
-    action: LabelId,
-    ttl: Duration,
+    /// Its table key and deadline (`None` when the table holds nothing).
+    registered: Option<(u64, Instant)>,
 }
 
 impl Interceptor for TaskMetrics {
@@ -349,12 +378,11 @@ impl Interceptor for TaskMetrics {
             return;
         };
         let action = self.inner.actions.id(env.action().unwrap_or("unknown"));
-        let out = CommandOut {
-            correlation_id: correlation_id.into(),
-            action,
-            ttl,
-        };
-        msg.state_mut().extensions.insert(out);
+        // Registered now, not when the publish result comes: with confirms
+        // awaited in batches (or a slow wake-up after the write), the reply
+        // can be delivered before the result hook runs.
+        let registered = self.command_sent(correlation_id, action, ttl);
+        msg.state_mut().extensions.insert(CommandOut { registered });
     }
 
     fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
@@ -366,9 +394,13 @@ impl Interceptor for TaskMetrics {
             PublishResult::Confirmed(c) => !c.is_nack(),
             _ => true,
         };
-        if ok {
+        let sent = match (ok, out.registered) {
+            (true, _) => true,
+            (false, Some((key, deadline))) => self.command_failed(key, deadline),
+            (false, None) => false,
+        };
+        if sent {
             self.status(0).increment(1);
-            self.command_sent(&out.correlation_id, out.action, out.ttl);
         }
     }
 
@@ -493,6 +525,130 @@ impl Interceptor for TaskMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interceptor::InterceptorChain;
+    use crate::message::{Outcome, Settlement};
+    use lapin::BasicProperties;
+    use lapin::message::Delivery;
+    use lapin::options::BasicPublishOptions;
+
+    const ID: &str = "5b0f6c1e-7c35-4c1d-9f0e-3f1d2b6a9a01";
+
+    fn command() -> Vec<u8> {
+        format!(
+            r#"{{"specversion":"1.0","type":"ai.team.command","source":"orchestrator","id":"{ID}","data":{{"action":"generate_article"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    fn result() -> Delivery {
+        let body = br#"{"specversion":"1.0","type":"ai.team.result","source":"agent.writer","id":"r-1","data":{"status":"SUCCESS"}}"#;
+        let mut d = Delivery::mock(
+            1,
+            "".into(),
+            "orchestrator.results".into(),
+            false,
+            body.to_vec(),
+        );
+        d.properties = BasicProperties::default().with_correlation_id(ID.into());
+        d
+    }
+
+    /// Publishes a COMMAND through `chain` up to (not including) its
+    /// publish result.
+    fn start_command(chain: &InterceptorChain) -> MessageState {
+        let props = BasicProperties::default().with_correlation_id(ID.into());
+        let (_, state) = chain.start_publish(
+            "mindbus.main",
+            "cmd.writer.any",
+            BasicPublishOptions::default(),
+            &command(),
+            props,
+        );
+        state
+    }
+
+    /// Runs `f` with a Prometheus recorder and returns what it rendered.
+    fn with_metrics(f: impl FnOnce()) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, f);
+        handle.render()
+    }
+
+    fn sample(text: &str, line_start: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn a_reply_that_overtakes_the_publish_result_ends_its_task() {
+        let text = with_metrics(|| {
+            let tm = TaskMetrics::new();
+            let chain = InterceptorChain::new(vec![Arc::new(tm.clone())], None);
+            let mut state = start_command(&chain);
+            assert_eq!(tm.pending(), 1, "registered before the publish returns");
+            // The RESULT is delivered before the confirm is awaited.
+            let mut reply = chain.start_delivery(&result(), "orchestrator.results", false);
+            chain.end_delivery(&mut reply, &Settlement::new(Outcome::Acked));
+            assert_eq!(tm.pending(), 0);
+            chain.end_publish(&mut state, &PublishResult::Sent);
+            assert_eq!(tm.pending(), 0, "the late publish result adds nothing");
+        });
+        let count = r#"ai_team_task_duration_seconds_count{task_type="generate_article"}"#;
+        assert_eq!(sample(&text, count), Some(1.0), "{text}");
+        assert_eq!(
+            sample(&text, r#"ai_team_tasks_total{status="pending"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"ai_team_tasks_total{status="completed"}"#),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "ai_team_tasks_in_progress"), Some(0.0));
+    }
+
+    #[test]
+    fn a_failed_publish_leaves_no_task_behind() {
+        let text = with_metrics(|| {
+            let tm = TaskMetrics::new();
+            let chain = InterceptorChain::new(vec![Arc::new(tm.clone())], None);
+            let mut state = start_command(&chain);
+            let error: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
+            chain.end_publish(&mut state, &PublishResult::Failed(&error));
+            assert_eq!(tm.pending(), 0);
+        });
+        assert_eq!(
+            sample(&text, r#"ai_team_tasks_total{status="pending"}"#),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(sample(&text, "ai_team_tasks_in_progress"), Some(0.0));
+    }
+
+    #[test]
+    fn a_failed_publish_whose_reply_came_first_still_counts_as_sent() {
+        let text = with_metrics(|| {
+            let tm = TaskMetrics::new();
+            let chain = InterceptorChain::new(vec![Arc::new(tm.clone())], None);
+            let mut state = start_command(&chain);
+            let mut reply = chain.start_delivery(&result(), "orchestrator.results", false);
+            chain.end_delivery(&mut reply, &Settlement::new(Outcome::Acked));
+            let error: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
+            chain.end_publish(&mut state, &PublishResult::Failed(&error));
+            assert_eq!(tm.pending(), 0);
+        });
+        assert_eq!(
+            sample(&text, r#"ai_team_tasks_total{status="pending"}"#),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, r#"ai_team_tasks_total{status="completed"}"#),
+            Some(1.0)
+        );
+    }
 
     #[test]
     fn ttl_parsing() {
