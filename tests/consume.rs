@@ -582,3 +582,56 @@ async fn lapin_errors_come_back_unchanged() {
     delete_queue(&ch, queue.as_str()).await;
     conn.close(200, "bye".into()).await.ok();
 }
+
+/// A settle hook that takes its time, then counts.
+struct SlowSettle(Arc<AtomicUsize>);
+
+impl Interceptor for SlowSettle {
+    fn on_settle(&self, _: &mut MessageState, _: &Settlement<'_>) {
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// `acked()` counts a message only once its settle hooks have run, so a
+/// caller that waits for `acked() == n` then reads spans or metrics sees
+/// all n messages in them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_counts_after_the_settle_hooks() {
+    const N: usize = 3;
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let queue = declare_queue(&raw, &unique("consume.order"), FieldTable::default()).await;
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .with(SlowSettle(hooks.clone()))
+        .build();
+    for _ in 0..N {
+        raw_publish(&raw, queue.as_str(), b"x").await;
+    }
+    let handle = ch
+        .consume_with(
+            queue.clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+            |_d| async { Ok::<(), String>(()) },
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = 0;
+    while seen < N as u64 && Instant::now() < deadline {
+        seen = handle.stats().acked();
+        let done = hooks.load(Ordering::SeqCst) as u64;
+        assert!(
+            done >= seen,
+            "acked() reads {seen} while {done} settle hooks have run"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(seen, N as u64);
+    handle.cancel().await.unwrap();
+    delete_queue(&raw, queue.as_str()).await;
+    conn.close(200, "bye".into()).await.ok();
+}

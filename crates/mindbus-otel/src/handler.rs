@@ -53,13 +53,16 @@ impl ConsumeStats {
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }
-    /// Messages acked after the handler returned `Ok`.
+    /// Messages acked after the handler returned `Ok`. Counted after the
+    /// settle hooks ran: once this reads `n`, the spans and metrics of those
+    /// `n` messages are recorded.
     pub fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.acked.load(Ordering::Acquire)
     }
-    /// Messages nacked (requeue = false) after an `Err` or a panic.
+    /// Messages nacked (requeue = false) after an `Err` or a panic; counted
+    /// after the settle hooks ran, as [`acked`](Self::acked).
     pub fn nacked(&self) -> u64 {
-        self.nacked.load(Ordering::Relaxed)
+        self.nacked.load(Ordering::Acquire)
     }
     /// Handler calls that returned `Err`.
     pub fn handler_errors(&self) -> u64 {
@@ -77,8 +80,10 @@ impl ConsumeStats {
     }
 }
 
+/// Release, so a reader that sees the count (with `Acquire`) also sees what
+/// was recorded before it.
 fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+    c.fetch_add(1, Ordering::Release);
 }
 
 /// A running handler-style consumer.
@@ -257,15 +262,12 @@ async fn run_handler<F, Fut, E>(
             }
         };
 
-        let (outcome, res) = if no_ack {
-            (Outcome::AutoAck, Ok(true))
+        let (outcome, res, counter) = if no_ack {
+            (Outcome::AutoAck, Ok(true), None)
         } else if failure.is_none() {
             let ack = acker.ack(BasicAckOptions::default());
             let res = settle(ack, &acker, &mut consumer, &mut backlog).await;
-            if matches!(res, Ok(true)) {
-                bump(&stats.acked);
-            }
-            (Outcome::Acked, res)
+            (Outcome::Acked, res, Some(&stats.acked))
         } else {
             let options = BasicNackOptions {
                 requeue: false,
@@ -273,10 +275,7 @@ async fn run_handler<F, Fut, E>(
             };
             let nack = acker.nack(options);
             let res = settle(nack, &acker, &mut consumer, &mut backlog).await;
-            if matches!(res, Ok(true)) {
-                bump(&stats.nacked);
-            }
-            (Outcome::Nacked { requeue: false }, res)
+            (Outcome::Nacked { requeue: false }, res, Some(&stats.nacked))
         };
         if let Err(error) = &res {
             bump(&stats.settle_errors);
@@ -299,6 +298,11 @@ async fn run_handler<F, Fut, E>(
         };
         if let Some(mut state) = state.state.take() {
             chain.settle(&mut state, &settlement);
+        }
+        // Counted after the settle hooks: once `acked()` reaches n, the
+        // spans and metrics of those n messages are recorded.
+        if let (Some(counter), Ok(true)) = (counter, &res) {
+            bump(counter);
         }
     }
 }
