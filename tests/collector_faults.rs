@@ -74,11 +74,22 @@ enum Collector {
     DeadPort(OtlpProtocol),
 }
 
-fn dead_endpoint() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    format!("http://127.0.0.1:{port}")
+/// A 127.0.0.1 port where nothing listens: bound and never listened on,
+/// so connections are refused, and held while the value lives so that no
+/// parallel test's receiver is given it.
+struct DeadPort {
+    _socket: tokio::net::TcpSocket,
+    url: String,
+}
+
+fn dead_port() -> DeadPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    DeadPort {
+        _socket: socket,
+        url: format!("http://127.0.0.1:{port}"),
+    }
 }
 
 fn config(endpoint: String, protocol: OtlpProtocol) -> Config {
@@ -154,6 +165,7 @@ async fn timed_drop(telemetry: Telemetry) -> (Duration, SpanStats) {
 
 async fn messaging_goes_on(collector: Collector) {
     let receiver = OtlpReceiver::start().await.unwrap();
+    let dead = dead_port();
     let (endpoint, protocol) = match collector {
         Collector::Receiver(mode, protocol) => {
             receiver.set_mode(mode);
@@ -163,7 +175,7 @@ async fn messaging_goes_on(collector: Collector) {
             };
             (endpoint, protocol)
         }
-        Collector::DeadPort(protocol) => (dead_endpoint(), protocol),
+        Collector::DeadPort(protocol) => (dead.url.clone(), protocol),
     };
     let telemetry = mindbus_telemetry::init(config(endpoint, protocol)).unwrap();
     let spans =

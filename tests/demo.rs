@@ -36,12 +36,10 @@ fn demo_binary() -> PathBuf {
     bin
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The port of the demo's `metrics are served on http://127.0.0.1:PORT/metrics` line.
+fn served_port(line: &str) -> Option<u16> {
+    let rest = line.split("http://127.0.0.1:").nth(1)?;
+    rest.split('/').next()?.parse().ok()
 }
 
 async fn http_get(port: u16, path: &str) -> String {
@@ -151,12 +149,12 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
     let prefix = format!("{}.", unique("demo"));
     let exchange = unique("demo.bus");
     let cleanup = Cleanup::new(&prefix, &exchange);
-    let port = free_port();
     let mut cmd = Command::new(demo_binary());
     cmd.args(["--tasks", "3", "--linger", "3"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .env("METRICS_ADDR", format!("127.0.0.1:{port}"));
+        // Port 0: the demo binds a free port and prints it.
+        .env("METRICS_ADDR", "127.0.0.1:0");
     isolated(&mut cmd, &prefix, &exchange);
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -166,6 +164,7 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.contains("metrics are served on") {
                 // The tasks are done and the process lingers: scrape now.
+                let port = served_port(&line).expect("the metrics line names a port");
                 scrape = Some(http_get(port, "/metrics").await);
             }
             stdout.push_str(&line);

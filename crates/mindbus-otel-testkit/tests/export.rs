@@ -422,10 +422,21 @@ async fn unavailable_is_retried_by_the_default_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hang_mode_is_cut_by_the_exporter_timeout() {
     let receiver = OtlpReceiver::start().await.expect("receiver");
-    receiver.set_mode(Mode::Hang);
-    let timeout = Duration::from_millis(300);
+    let timeout = Duration::from_secs(1);
     let grpc = grpc_exporter(&receiver, timeout, RetryPolicy::disabled());
     let http = http_exporter(&receiver, timeout, RetryPolicy::disabled());
+    // Connect first (both exporters connect lazily), so that the held
+    // requests below surely reach the receiver within the timeout.
+    grpc.export(vec![span_data("warm-up")])
+        .await
+        .expect("gRPC export");
+    http.export(vec![span_data("warm-up")])
+        .await
+        .expect("HTTP export");
+    receiver.wait_for_spans(2, WAIT).await.assert_len(2);
+    receiver.clear();
+    let (grpc_before, http_before) = (receiver.grpc_requests(), receiver.http_requests());
+    receiver.set_mode(Mode::Hang);
 
     let started = Instant::now();
     let (grpc_result, http_result) = tokio::join!(
@@ -446,8 +457,8 @@ async fn hang_mode_is_cut_by_the_exporter_timeout() {
         "returned before the timeout: {elapsed:?}"
     );
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
-    assert_eq!(receiver.grpc_requests(), 1);
-    assert_eq!(receiver.http_requests(), 1);
+    assert_eq!(receiver.grpc_requests(), grpc_before + 1);
+    assert_eq!(receiver.http_requests(), http_before + 1);
 
     // Releasing the held requests does not store their spans; new exports succeed.
     receiver.set_mode(Mode::Accept);

@@ -399,6 +399,15 @@ async fn hang_mode_holds_the_request_until_the_mode_changes() {
             "",
         )
         .await;
+    // The request is being held once the server has read it (on this
+    // current-thread runtime, possibly only after the test task yields).
+    let arrived = tokio::time::timeout(Duration::from_secs(10), async {
+        while receiver.http_requests() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(arrived.is_ok(), "the request reached the receiver");
     let early = tokio::time::timeout(Duration::from_millis(300), client.reply_inner()).await;
     assert!(early.is_err(), "no answer while hanging");
     assert_eq!(receiver.http_requests(), 1);
