@@ -233,6 +233,11 @@ fn bench(c: &mut Criterion) {
             b.iter(|| black_box(Envelope::read("cmd.writer.any", black_box(body))));
         });
     }
+    // For scale: what reading the same body with serde_json costs (what
+    // hand-written instrumentation would do for CloudEvents attributes).
+    envelope.bench_function("serde_json_value/cloudevent", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(COMMAND)).ok()));
+    });
     envelope.finish();
 
     let mut publish = c.benchmark_group("publish");
@@ -295,7 +300,8 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 /// `MINDBUS_PROFILE=publish|consume/<chain>/<body> [MINDBUS_PROFILE_N=100000]`
-/// (or `envelope/read/<body>` for the envelope read alone, or
+/// (or `envelope/read/<body>` for the envelope read alone,
+/// `envelope/serde_json_value/<body>` for serde_json reading the same body, or
 /// `handwritten/publish|consume/cloudevent` for the hand-written floor)
 /// runs one case in a plain loop, for `valgrind --tool=callgrind` (whose
 /// instruction counts do not depend on what else the machine is doing).
@@ -315,7 +321,11 @@ fn profile(case: &str) {
     };
     if side == "envelope" {
         for _ in 0..n {
-            black_box(Envelope::read("cmd.writer.any", black_box(&body)));
+            if chain_name == "serde_json_value" {
+                black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).ok());
+            } else {
+                black_box(Envelope::read("cmd.writer.any", black_box(&body)));
+            }
         }
         return;
     }
