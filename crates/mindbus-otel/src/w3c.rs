@@ -130,23 +130,40 @@ impl RejectReason {
         self as usize
     }
 }
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        _ => None,
+/// Lowercase hex digit values; `0x80` marks every other byte (W3C trace
+/// context ids are lowercase only).
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
+/// `N` bytes from `2N` lowercase hex digits. Branch-free per digit: the
+/// invalid marks are or-ed together and checked once.
 fn parse_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     if s.len() != N * 2 {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, pair) in s.chunks_exact(2).enumerate() {
-        out[i] = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let (hi, lo) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        bad |= hi | lo;
+        *o = (hi << 4) | lo;
     }
-    Some(out)
+    (bad & 0x80 == 0).then_some(out)
 }
 
 /// Parses a `traceparent` value into a remote [`SpanContext`] (without
@@ -367,7 +384,8 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 fn hex_val_any(b: u8) -> Option<u8> {
-    hex_val(b.to_ascii_lowercase())
+    let v = HEX_VALUE[usize::from(b.to_ascii_lowercase())];
+    (v & 0x80 == 0).then_some(v)
 }
 
 /// An RFC 7230 `token` (what W3C Baggage keys are).
