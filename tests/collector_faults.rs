@@ -14,9 +14,7 @@
 mod common;
 
 use common::*;
-use mindbus_otel::lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use mindbus_otel::lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
 use mindbus_otel::lapin::types::FieldTable;
 use mindbus_otel::lapin::{BasicProperties, Channel};
 use mindbus_otel::{AgentMetrics, ConsumerHandle, MessagingSpans, TraceContext, TracedChannel};
@@ -202,16 +200,7 @@ async fn messaging_goes_on(collector: Collector) {
         .basic_qos(200, BasicQosOptions::default())
         .await
         .unwrap();
-    let handle = consumer
-        .consume_with(
-            queue.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-            |_d| async { Ok::<(), String>(()) },
-        )
-        .await
-        .unwrap();
+    let handle = consume_acking(&consumer, queue.as_str()).await;
 
     // The collector is faulty: messaging goes on.
     round_trip(&publisher, queue.as_str(), &handle, MESSAGES).await;

@@ -398,16 +398,7 @@ async fn a_panicking_interceptor_never_breaks_messaging() {
         .build();
     let queue = declare_queue(&ch, &unique("consume.explode"), FieldTable::default()).await;
     let before = mindbus_otel::hook_panics();
-    let handle = ch
-        .consume_with(
-            queue.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-            |_d| async { Ok::<(), String>(()) },
-        )
-        .await
-        .unwrap();
+    let handle = consume_acking(&ch, queue.as_str()).await;
     for _ in 0..3 {
         ch.basic_publish(
             "".into(),
@@ -609,16 +600,7 @@ async fn acked_counts_after_the_settle_hooks() {
     for _ in 0..N {
         raw_publish(&raw, queue.as_str(), b"x").await;
     }
-    let handle = ch
-        .consume_with(
-            queue.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-            |_d| async { Ok::<(), String>(()) },
-        )
-        .await
-        .unwrap();
+    let handle = consume_acking(&ch, queue.as_str()).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = 0;
     while seen < N as u64 && Instant::now() < deadline {

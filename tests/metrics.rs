@@ -189,26 +189,8 @@ async fn metrics_from_real_traffic() {
         })
         .await
         .unwrap();
-    let events_handle = writer
-        .consume_with(
-            events_q.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-            |_d| async { Ok::<(), String>(()) },
-        )
-        .await
-        .unwrap();
-    let replies_handle = orchestrator
-        .consume_with(
-            replies_q.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-            |_d| async { Ok::<(), String>(()) },
-        )
-        .await
-        .unwrap();
+    let events_handle = consume_acking(&writer, events_q.as_str()).await;
+    let replies_handle = consume_acking(&orchestrator, replies_q.as_str()).await;
 
     for (id, action) in [("c1", "generate_article"), ("c2", "review_article")] {
         let props = BasicProperties::default()
@@ -474,16 +456,7 @@ async fn metrics_from_real_traffic() {
     let fold_ch = TracedChannel::builder(conn.create_channel().await.unwrap())
         .with(folded.clone())
         .build();
-    let fold_handle = fold_ch
-        .consume_with(
-            fold_q.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-            |_d| async { Ok::<(), String>(()) },
-        )
-        .await
-        .unwrap();
+    let fold_handle = consume_acking(&fold_ch, fold_q.as_str()).await;
     for source in ["fold.a", "fold.b", "fold.c", "fold.d", "fold.c"] {
         let body = format!(
             r#"{{"specversion":"1.0","type":"ai.team.event","source":"{source}","id":"x"}}"#

@@ -9,7 +9,9 @@ use mindbus_otel::lapin::options::{
 use mindbus_otel::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use mindbus_otel::lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use mindbus_otel::opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-use mindbus_otel::{Interceptor, MessageKind, MessageState, Outcome, Settlement};
+use mindbus_otel::{
+    ConsumerHandle, Interceptor, MessageKind, MessageState, Outcome, Settlement, TracedChannel,
+};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -177,4 +179,17 @@ impl Interceptor for Recorder {
             applied: s.applied,
         });
     }
+}
+
+/// A handler-style consumer on `queue` whose handler acks every message.
+pub async fn consume_acking(ch: &TracedChannel, queue: &str) -> ConsumerHandle {
+    ch.consume_with(
+        queue.into(),
+        "".into(),
+        mindbus_otel::lapin::options::BasicConsumeOptions::default(),
+        FieldTable::default(),
+        |_d| async { Ok::<(), String>(()) },
+    )
+    .await
+    .unwrap()
 }

@@ -582,72 +582,69 @@ mod tests {
             .and_then(|v| v.parse().ok())
     }
 
-    #[test]
-    fn a_reply_that_overtakes_the_publish_result_ends_its_task() {
-        let text = with_metrics(|| {
+    /// `ai_team_tasks_total{status}` in a rendering.
+    fn tasks(text: &str, status: &str) -> Option<f64> {
+        sample(text, &format!("ai_team_tasks_total{{status=\"{status}\"}}"))
+    }
+
+    fn deliver_result(chain: &InterceptorChain) {
+        let mut reply = chain.start_delivery(&result(), "orchestrator.results", false);
+        chain.end_delivery(&mut reply, &Settlement::new(Outcome::Acked));
+    }
+
+    fn publish_fails(chain: &InterceptorChain, state: &mut MessageState) {
+        let error: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
+        chain.end_publish(state, &PublishResult::Failed(&error));
+    }
+
+    /// Runs `f` on a chain of one `TaskMetrics`; returns the rendering.
+    fn scenario(f: impl FnOnce(&TaskMetrics, &InterceptorChain)) -> String {
+        with_metrics(|| {
             let tm = TaskMetrics::new();
             let chain = InterceptorChain::new(vec![Arc::new(tm.clone())], None);
-            let mut state = start_command(&chain);
+            f(&tm, &chain);
+        })
+    }
+
+    #[test]
+    fn a_reply_that_overtakes_the_publish_result_ends_its_task() {
+        let text = scenario(|tm, chain| {
+            let mut state = start_command(chain);
             assert_eq!(tm.pending(), 1, "registered before the publish returns");
             // The RESULT is delivered before the confirm is awaited.
-            let mut reply = chain.start_delivery(&result(), "orchestrator.results", false);
-            chain.end_delivery(&mut reply, &Settlement::new(Outcome::Acked));
+            deliver_result(chain);
             assert_eq!(tm.pending(), 0);
             chain.end_publish(&mut state, &PublishResult::Sent);
             assert_eq!(tm.pending(), 0, "the late publish result adds nothing");
         });
         let count = r#"ai_team_task_duration_seconds_count{task_type="generate_article"}"#;
         assert_eq!(sample(&text, count), Some(1.0), "{text}");
-        assert_eq!(
-            sample(&text, r#"ai_team_tasks_total{status="pending"}"#),
-            Some(1.0)
-        );
-        assert_eq!(
-            sample(&text, r#"ai_team_tasks_total{status="completed"}"#),
-            Some(1.0)
-        );
+        assert_eq!(tasks(&text, "pending"), Some(1.0));
+        assert_eq!(tasks(&text, "completed"), Some(1.0));
         assert_eq!(sample(&text, "ai_team_tasks_in_progress"), Some(0.0));
     }
 
     #[test]
     fn a_failed_publish_leaves_no_task_behind() {
-        let text = with_metrics(|| {
-            let tm = TaskMetrics::new();
-            let chain = InterceptorChain::new(vec![Arc::new(tm.clone())], None);
-            let mut state = start_command(&chain);
-            let error: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
-            chain.end_publish(&mut state, &PublishResult::Failed(&error));
+        let text = scenario(|tm, chain| {
+            let mut state = start_command(chain);
+            publish_fails(chain, &mut state);
             assert_eq!(tm.pending(), 0);
         });
-        assert_eq!(
-            sample(&text, r#"ai_team_tasks_total{status="pending"}"#),
-            Some(0.0),
-            "{text}"
-        );
+        assert_eq!(tasks(&text, "pending"), Some(0.0), "{text}");
         assert_eq!(sample(&text, "ai_team_tasks_in_progress"), Some(0.0));
     }
 
     #[test]
     fn a_failed_publish_whose_reply_came_first_still_counts_as_sent() {
-        let text = with_metrics(|| {
-            let tm = TaskMetrics::new();
-            let chain = InterceptorChain::new(vec![Arc::new(tm.clone())], None);
-            let mut state = start_command(&chain);
-            let mut reply = chain.start_delivery(&result(), "orchestrator.results", false);
-            chain.end_delivery(&mut reply, &Settlement::new(Outcome::Acked));
-            let error: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
-            chain.end_publish(&mut state, &PublishResult::Failed(&error));
+        let text = scenario(|tm, chain| {
+            let mut state = start_command(chain);
+            deliver_result(chain);
+            publish_fails(chain, &mut state);
             assert_eq!(tm.pending(), 0);
         });
-        assert_eq!(
-            sample(&text, r#"ai_team_tasks_total{status="pending"}"#),
-            Some(1.0),
-            "{text}"
-        );
-        assert_eq!(
-            sample(&text, r#"ai_team_tasks_total{status="completed"}"#),
-            Some(1.0)
-        );
+        assert_eq!(tasks(&text, "pending"), Some(1.0), "{text}");
+        assert_eq!(tasks(&text, "completed"), Some(1.0));
     }
 
     #[test]
