@@ -170,4 +170,5 @@ pub fn decode(data: &[u8]) -> (Option<FieldTable>, Vec<u8>) {
     (Some(t), r.rest().to_vec())
 }
 
+#[path = "../../crates/mindbus-otel/tests/support/envelope_reference.rs"]
 pub mod reference;

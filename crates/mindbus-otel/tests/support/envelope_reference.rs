@@ -1,4 +1,7 @@
 //! What the envelope reader must say, computed from a `serde_json::Value`.
+//!
+//! Shared by the property tests (`tests/proptest_envelope.rs`, which include
+//! it with `#[path]`) and the `envelope` fuzz target (`fuzz/src/lib.rs`).
 
 use mindbus_otel::envelope::MAX_PARSED_BODY;
 use mindbus_otel::{BodyFormat, Envelope, MessageKind};
@@ -92,10 +95,21 @@ fn obj(v: Option<&Value>) -> Option<&Map<String, Value>> {
     v.and_then(Value::as_object)
 }
 
-/// The documented rules on a `serde_json::Value`; `None` when the body is
-/// JSON that `Value` cannot compare fairly (it does not parse, or it
-/// repeats a key).
+/// The documented rules on a `serde_json::Value`; `None` when `Value`
+/// cannot compare fairly: the body would be parsed but does not parse, or
+/// it repeats a key.
 pub fn reference(routing_key: &str, body: &[u8]) -> Option<Facts> {
+    let parsed = body.len() <= MAX_PARSED_BODY && !body.iter().all(u8::is_ascii_whitespace);
+    if parsed && (serde_json::from_slice::<Value>(body).is_err() || has_duplicate_keys(body)) {
+        return None;
+    }
+    Some(reference_facts(routing_key, body))
+}
+
+/// The documented rules on a `serde_json::Value`, whatever the body: one
+/// that does not parse reads as not JSON, and a repeated key reads as
+/// `Value` reads it (the last one wins).
+pub fn reference_facts(routing_key: &str, body: &[u8]) -> Facts {
     let mut f = Facts {
         kind: MessageKind::from_routing_key(routing_key),
         format: BodyFormat::NotJson,
@@ -106,18 +120,14 @@ pub fn reference(routing_key: &str, body: &[u8]) -> Option<Facts> {
     };
     if body.len() > MAX_PARSED_BODY {
         f.format = BodyFormat::TooLarge;
-        return Some(f);
+        return f;
     }
     if body.iter().all(u8::is_ascii_whitespace) {
         f.format = BodyFormat::Empty;
-        return Some(f);
+        return f;
     }
-    let v = serde_json::from_slice::<Value>(body).ok()?;
-    if has_duplicate_keys(body) {
-        return None;
-    }
-    let Value::Object(top) = v else {
-        return Some(f);
+    let Ok(Value::Object(top)) = serde_json::from_slice::<Value>(body) else {
+        return f;
     };
     let text = |m: Option<&Map<String, Value>>, k: &str| {
         m.and_then(|m| m.get(k))
@@ -162,7 +172,7 @@ pub fn reference(routing_key: &str, body: &[u8]) -> Option<Facts> {
     {
         f.kind = kind;
     }
-    Some(f)
+    f
 }
 
 /// Whether any object in `body` (valid JSON) repeats a key.
