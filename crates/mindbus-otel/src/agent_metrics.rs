@@ -63,7 +63,7 @@ pub const IN_FLIGHT: &str = "mindbus_messages_in_flight";
 const UNKNOWN_AGENT: &str = "unknown";
 
 /// Per-message state: the label ids computed at the start hook.
-struct Meta {
+pub(crate) struct Meta {
     destination: LabelId,
     kind: MessageKind,
     /// Sent: this agent; received: the CloudEvents source.
@@ -250,7 +250,7 @@ impl Interceptor for AgentMetrics {
         });
         let kind = msg.envelope().kind();
         let agent = self.own_agent(msg.state());
-        msg.state_mut().extensions.insert(Meta {
+        msg.state_mut().builtin.agent = Some(Meta {
             destination,
             kind,
             agent,
@@ -260,7 +260,7 @@ impl Interceptor for AgentMetrics {
     }
 
     fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
-        let Some(meta) = state.extensions.remove::<Meta>() else {
+        let Some(meta) = state.builtin.agent.take() else {
             return;
         };
         let error: Option<String> = match result {
@@ -325,7 +325,7 @@ impl Interceptor for AgentMetrics {
             .increment(1);
         let own = self.own_agent(msg.state());
         self.in_flight(own).increment(1.0);
-        msg.state_mut().extensions.insert(Meta {
+        msg.state_mut().builtin.agent = Some(Meta {
             destination,
             kind,
             agent,
@@ -335,7 +335,7 @@ impl Interceptor for AgentMetrics {
     }
 
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
-        let Some(meta) = state.extensions.remove::<Meta>() else {
+        let Some(meta) = state.builtin.agent.take() else {
             return;
         };
         let i = &self.inner;

@@ -118,6 +118,26 @@ impl Direction {
     }
 }
 
+/// The built-in interceptors' per-message state, kept inline: unlike a
+/// value in [`Extensions`] (a box each, and a vector), it costs no
+/// allocation per message.
+#[derive(Default)]
+pub(crate) struct Builtin {
+    pub(crate) spans: Option<crate::spans::SpanState>,
+    pub(crate) agent: Option<crate::agent_metrics::Meta>,
+    pub(crate) task: Option<crate::task_metrics::CommandOut>,
+}
+
+impl fmt::Debug for Builtin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builtin")
+            .field("spans", &self.spans.is_some())
+            .field("agent", &self.agent.is_some())
+            .field("task", &self.task.is_some())
+            .finish()
+    }
+}
+
 /// State that follows one message from its start hook to its end hook.
 #[derive(Debug)]
 pub struct MessageState {
@@ -128,6 +148,7 @@ pub struct MessageState {
     started: Instant,
     agent: Option<Arc<str>>,
     pull: bool,
+    pub(crate) builtin: Builtin,
     /// Per-interceptor state.
     pub extensions: Extensions,
 }
@@ -142,6 +163,7 @@ impl MessageState {
             started: Instant::now(),
             agent,
             pull: false,
+            builtin: Builtin::default(),
             extensions: Extensions::default(),
         }
     }

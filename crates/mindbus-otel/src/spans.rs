@@ -139,7 +139,7 @@ impl InFlight {
 }
 
 /// Per-message state of this interceptor.
-struct SpanState {
+pub(crate) struct SpanState {
     cx: Context,
     in_flight: Option<u64>,
     /// The `data.error.code` of an ERROR message: its `error.type` unless
@@ -688,7 +688,7 @@ impl Interceptor for MessagingSpans {
         }
         let cx = parent.with_span(span);
         msg.state_mut().set_context(cx.clone());
-        msg.state_mut().extensions.insert(SpanState {
+        msg.state_mut().builtin.spans = Some(SpanState {
             cx,
             in_flight: None,
             error_code,
@@ -696,7 +696,7 @@ impl Interceptor for MessagingSpans {
     }
 
     fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
-        let Some(SpanState { cx, error_code, .. }) = state.extensions.remove::<SpanState>() else {
+        let Some(SpanState { cx, error_code, .. }) = state.builtin.spans.take() else {
             return;
         };
         let span = cx.span();
@@ -824,7 +824,7 @@ impl Interceptor for MessagingSpans {
             }
         }
         msg.state_mut().set_context(cx.clone());
-        msg.state_mut().extensions.insert(SpanState {
+        msg.state_mut().builtin.spans = Some(SpanState {
             cx,
             in_flight,
             error_code,
@@ -839,7 +839,7 @@ impl Interceptor for MessagingSpans {
             cx,
             in_flight,
             error_code,
-        }) = state.extensions.remove::<SpanState>()
+        }) = state.builtin.spans.take()
         else {
             return;
         };

@@ -355,7 +355,7 @@ fn ttl_of(expiration: Option<&str>) -> Duration {
 /// A COMMAND being sent: registered in the table before the publish (so a
 /// reply that overtakes the publish result still finds it), and counted as
 /// pending once the publish succeeds.
-struct CommandOut {
+pub(crate) struct CommandOut {
     /// Its table key and deadline (`None` when the table holds nothing).
     registered: Option<(u64, Instant)>,
 }
@@ -382,11 +382,11 @@ impl Interceptor for TaskMetrics {
         // awaited in batches (or a slow wake-up after the write), the reply
         // can be delivered before the result hook runs.
         let registered = self.command_sent(correlation_id, action, ttl);
-        msg.state_mut().extensions.insert(CommandOut { registered });
+        msg.state_mut().builtin.task = Some(CommandOut { registered });
     }
 
     fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
-        let Some(out) = state.extensions.remove::<CommandOut>() else {
+        let Some(out) = state.builtin.task.take() else {
             return;
         };
         let ok = match result {
