@@ -432,15 +432,7 @@ async fn connection_dies_under_load(fault: Fault) {
 
     // The critic, stream style: deliveries processed concurrently, replies
     // published outside any context (RPC-parented by the in-flight table).
-    let mut consumer = critic
-        .basic_consume(
-            cmd_s.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&critic, cmd_s.as_str()).await;
     let c = critic.clone();
     let critic_task = tokio::spawn(async move {
         let mut r = ConsumeReport::default();
@@ -482,15 +474,7 @@ async fn connection_dies_under_load(fault: Fault) {
     });
 
     // The orchestrator's reply consumer (stream style, TaskMetrics).
-    let mut consumer = orch_rx
-        .basic_consume(
-            replies.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&orch_rx, replies.as_str()).await;
     let a = answered.clone();
     let replies_task = tokio::spawn(async move {
         let mut r = ConsumeReport::default();
@@ -937,15 +921,7 @@ async fn consumption_and_spans_resume_after_lapin_recovery() {
         )
         .await
         .unwrap();
-    let mut consumer = stream_ch
-        .basic_consume(
-            q_stream.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&stream_ch, q_stream.as_str()).await;
     let stream_tag = consumer.tag();
     let streamed = Arc::new(AtomicU64::new(0));
     let stream_errors: Arc<Mutex<Vec<lapin::Error>>> = Arc::default();

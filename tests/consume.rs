@@ -176,15 +176,7 @@ async fn stream_outcomes_ack_nack_reject_drop_and_raw_acker() {
     for b in &bodies {
         raw_publish(&raw, &dlx.queue, b).await;
     }
-    let mut consumer = ch
-        .basic_consume(
-            dlx.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
     let mut next = async || {
         tokio::time::timeout(Duration::from_secs(10), consumer.next())
             .await
@@ -341,15 +333,7 @@ async fn user_interceptors_closures_and_structs() {
     .await
     .unwrap();
     assert_eq!(*results.lock().unwrap(), vec![true]);
-    let mut consumer = ch
-        .basic_consume(
-            queue.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&ch, queue.as_str()).await;
     let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .unwrap()

@@ -268,15 +268,7 @@ async fn a_planted_secret_appears_in_no_span_metric_or_log() {
         .unwrap();
 
     // The orchestrator reads the replies and the event (stream style).
-    let mut consumer = orchestrator
-        .basic_consume(
-            replies.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&orchestrator, replies.as_str()).await;
     for _ in 0..3 {
         let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
             .await

@@ -71,15 +71,7 @@ async fn stream_consumer_gets_producer_as_remote_parent() {
     let sc = span_context();
     publish_in(&ch, queue.as_str(), producer_context(&sc), b"{}").await;
 
-    let mut consumer = ch
-        .basic_consume(
-            queue.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&ch, queue.as_str()).await;
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("delivery in time")
@@ -200,15 +192,7 @@ async fn extract_raw(headers: Option<FieldTable>, body: &[u8]) -> (Context, Trac
     .unwrap()
     .await
     .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&ch, queue.as_str()).await;
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("in time")

@@ -166,15 +166,7 @@ async fn scenario(proto: Proto, writer_error: bool) -> (SpanSet, Bus, [Messaging
 
     // Critic, stream style: the reply is published outside any context;
     // the in-flight COMMAND table makes it the CONSUMER span's child.
-    let mut critic_consumer = critic
-        .basic_consume(
-            bus.critic_q.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut critic_consumer = consume_stream(&critic, bus.critic_q.as_str()).await;
     let c = critic.clone();
     let critic_task = tokio::spawn(async move {
         let d = critic_consumer.next().await.unwrap().unwrap();
@@ -212,15 +204,7 @@ async fn scenario(proto: Proto, writer_error: bool) -> (SpanSet, Bus, [Messaging
         .await
         .unwrap();
     let reply_to: ShortString = replies.name().clone();
-    let mut reply_consumer = orch
-        .basic_consume(
-            reply_to.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut reply_consumer = consume_stream(&orch, reply_to.as_str()).await;
 
     let task = orch_p.tracer("orchestrator").start("execute_task");
     let task_cx = Context::new().with_span(task);
@@ -515,15 +499,7 @@ async fn settlement_statuses_and_no_span_left_open() {
         .await
         .unwrap();
     }
-    let mut consumer = ch
-        .basic_consume(
-            q_stream.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&ch, q_stream.as_str()).await;
     let mut next = async || consumer.next().await.unwrap().unwrap();
     next().await.ack(BasicAckOptions::default()).await.unwrap();
     next()
@@ -688,15 +664,7 @@ async fn single_delivery(
     .await
     .unwrap();
     let ch = traced(conn.create_channel().await.unwrap(), "agent.x", spans_i);
-    let mut consumer = ch
-        .basic_consume(
-            q.clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_stream(&ch, q.as_str()).await;
     let d = consumer.next().await.unwrap().unwrap();
     d.ack(BasicAckOptions::default()).await.unwrap();
     delete_queue(&raw, q.as_str()).await;

@@ -11,6 +11,7 @@ use mindbus_otel::lapin::{Channel, Connection, ConnectionProperties, ExchangeKin
 use mindbus_otel::opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 use mindbus_otel::{
     ConsumerHandle, Interceptor, MessageKind, MessageState, Outcome, Settlement, TracedChannel,
+    TracedConsumer,
 };
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,6 +190,18 @@ pub async fn consume_acking(ch: &TracedChannel, queue: &str) -> ConsumerHandle {
         mindbus_otel::lapin::options::BasicConsumeOptions::default(),
         FieldTable::default(),
         |_d| async { Ok::<(), String>(()) },
+    )
+    .await
+    .unwrap()
+}
+
+/// A stream-style consumer on `queue` with default options.
+pub async fn consume_stream(ch: &TracedChannel, queue: &str) -> TracedConsumer {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        mindbus_otel::lapin::options::BasicConsumeOptions::default(),
+        FieldTable::default(),
     )
     .await
     .unwrap()
