@@ -99,6 +99,53 @@ impl<'a> HeaderExtractor<'a> {
     pub fn contains(&self, key: &str) -> bool {
         self.raw(key).is_some()
     }
+
+    /// Looks several headers up in one pass over the table, with the same
+    /// rule as [`lookup`](Self::lookup) (an exact name first, else the
+    /// first ASCII case-insensitive one). Cheaper than one lookup per name
+    /// when names are missing: each miss would scan the whole table.
+    pub fn find_all<const N: usize>(&self, keys: [&str; N]) -> [Found<'a>; N] {
+        let mut exact: [Option<&'a AMQPValue>; N] = [None; N];
+        let mut folded: [Option<&'a AMQPValue>; N] = [None; N];
+        if let Some(table) = self.0 {
+            for (k, v) in table.inner() {
+                let k = k.as_str();
+                for (i, key) in keys.iter().enumerate() {
+                    if k.len() != key.len() {
+                        continue;
+                    }
+                    if k == *key {
+                        exact[i] = Some(v);
+                    } else if folded[i].is_none() && k.eq_ignore_ascii_case(key) {
+                        folded[i] = Some(v);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|i| Found(exact[i].or(folded[i])))
+    }
+}
+
+/// A header found by [`HeaderExtractor::find_all`] (or not).
+#[derive(Clone, Copy, Debug)]
+pub struct Found<'a>(Option<&'a AMQPValue>);
+
+impl<'a> Found<'a> {
+    /// True when the header exists, whatever its type and length.
+    pub fn exists(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Its text, as [`HeaderExtractor::lookup_capped`] reads it.
+    pub fn capped(&self, max_len: usize, too_long: RejectReason) -> HeaderValue<'a> {
+        match self.0 {
+            None => HeaderValue::Missing,
+            Some(value) => match value_text_capped(value, max_len, too_long) {
+                Ok(s) => HeaderValue::Text(s),
+                Err(reason) => HeaderValue::Unreadable(reason),
+            },
+        }
+    }
 }
 
 /// The text of an AMQP value, if it holds UTF-8 text.
@@ -238,6 +285,55 @@ mod tests {
         let x = HeaderExtractor::new(Some(&t));
         assert_eq!(x.get("traceparent"), Some("exact"));
         assert_eq!(x.get("tracestate"), Some("mixed"));
+    }
+
+    /// `find_all` answers every name exactly as one lookup per name does,
+    /// whatever the order, case, types and repeats of the table's keys.
+    #[test]
+    fn one_pass_lookup_agrees_with_lookups_one_by_one() {
+        let names = ["traceparent", "tracestate", "baggage"];
+        let keys = [
+            "traceparent",
+            "Traceparent",
+            "TRACEPARENT",
+            "tracestate",
+            "TraceState",
+            "baggage",
+            "BAGGAGE",
+            "bagage",
+            "x-other",
+        ];
+        // Every subset of the keys, with values telling them apart and
+        // one of them of a type that cannot hold text.
+        for mask in 0u32..(1 << keys.len()) {
+            let entries: Vec<(&str, AMQPValue)> = keys
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask >> i & 1 == 1)
+                .map(|(i, k)| {
+                    let v = if i == 4 {
+                        AMQPValue::LongLongInt(4)
+                    } else {
+                        AMQPValue::LongString(format!("v{i}").into())
+                    };
+                    (*k, v)
+                })
+                .collect();
+            let t = table(entries);
+            let x = HeaderExtractor::new(Some(&t));
+            let found = x.find_all(names);
+            for (name, f) in names.iter().zip(found) {
+                let too_long = RejectReason::Oversized;
+                assert_eq!(
+                    f.capped(64, too_long),
+                    x.lookup_capped(name, 64, too_long),
+                    "{name} in {mask:b}"
+                );
+                assert_eq!(f.exists(), x.contains(name), "{name} in {mask:b}");
+            }
+        }
+        let none = HeaderExtractor::new(None).find_all(names);
+        assert!(none.iter().all(|f| !f.exists()));
     }
 
     #[test]

@@ -81,6 +81,33 @@ impl Hasher for FastHasher {
 /// `HashMap` with [`FastHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
+/// A hasher for keys that already are the output of a keyed hash (the
+/// in-flight tables key entries by a `RandomState` hash of the untrusted
+/// ids): it passes the `u64` through instead of hashing it a second time.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are expected; anything else still hashes.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(SEED);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = i;
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `HashMap` keyed by a keyed hash of the real key (see [`PreHashed`]).
+pub(crate) type PreHashedMap<V> = HashMap<u64, V, BuildHasherDefault<PreHashed>>;
+
 /// An index into a [`LabelGuard`]'s values.
 pub type LabelId = u32;
 

@@ -396,16 +396,18 @@ impl TraceContext {
     }
 
     fn extract_w3c(&self, msg: &mut IncomingMessage<'_>) -> Context {
-        let headers = HeaderExtractor::new(msg.headers());
+        // One pass over the table for the three names (most deliveries
+        // lack `tracestate` and `baggage`, and each miss is a full scan).
+        let [traceparent, tracestate, baggage] =
+            HeaderExtractor::new(msg.headers()).find_all([TRACEPARENT, TRACESTATE, BAGGAGE]);
         let mut parent: Option<(SpanContext, ContextSource)> = None;
-        match headers.lookup_capped(TRACEPARENT, MAX_TRACEPARENT_LEN, RejectReason::Oversized) {
+        match traceparent.capped(MAX_TRACEPARENT_LEN, RejectReason::Oversized) {
             HeaderValue::Text(tp) => match w3c::parse_traceparent(tp) {
                 Ok(sc) => {
-                    let ts = self.read_tracestate(headers.lookup_capped(
-                        TRACESTATE,
-                        MAX_TRACESTATE_HEADER_LEN,
-                        RejectReason::TracestateOversized,
-                    ));
+                    let ts = self.read_tracestate(
+                        tracestate
+                            .capped(MAX_TRACESTATE_HEADER_LEN, RejectReason::TracestateOversized),
+                    );
                     parent = Some((with_state(sc, ts), ContextSource::Headers));
                 }
                 Err(reason) => self.stats.reject(reason),
@@ -439,12 +441,12 @@ impl TraceContext {
             }
         };
         if !(self.baggage && self.inbound_baggage) {
-            if headers.contains(BAGGAGE) {
+            if baggage.exists() {
                 self.stats.ignored_baggage();
             }
             return cx;
         }
-        match headers.lookup_capped(BAGGAGE, MAX_BAGGAGE_LEN, RejectReason::BaggageOversized) {
+        match baggage.capped(MAX_BAGGAGE_LEN, RejectReason::BaggageOversized) {
             HeaderValue::Text(b) => match w3c::parse_baggage_counted(b) {
                 Ok(parsed) => {
                     if parsed.dropped > 0 {

@@ -48,7 +48,7 @@
 
 use crate::envelope::{EnvelopeRef, MessageKind};
 use crate::interceptor::Interceptor;
-use crate::labels::FastMap;
+use crate::labels::{FastMap, PreHashedMap};
 use crate::message::{
     Direction, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
     PublishResult, Settlement,
@@ -63,7 +63,6 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -124,7 +123,7 @@ struct InFlightEntry {
 /// COMMANDs being handled, by (reply_to, correlation_id).
 struct InFlight {
     hasher: RandomState,
-    map: Mutex<HashMap<u64, InFlightEntry>>,
+    map: Mutex<PreHashedMap<InFlightEntry>>,
     max: usize,
 }
 
@@ -191,7 +190,7 @@ impl MessagingSpans {
                 server: None,
                 in_flight: InFlight {
                     hasher: RandomState::new(),
-                    map: Mutex::new(HashMap::new()),
+                    map: Mutex::new(PreHashedMap::default()),
                     max: DEFAULT_MAX_IN_FLIGHT,
                 },
                 names: NameCache::new(),

@@ -34,11 +34,11 @@
 
 use crate::envelope::MessageKind;
 use crate::interceptor::Interceptor;
-use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId};
+use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId, PreHashedMap};
 use crate::message::{IncomingMessage, MessageState, OutgoingMessage, PublishResult};
 use metrics::{Counter, Gauge, Histogram, Label, Unit};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -82,7 +82,7 @@ struct Pending {
 
 struct Table {
     hasher: RandomState,
-    entries: HashMap<u64, Pending>,
+    entries: PreHashedMap<Pending>,
     /// (deadline, key), earliest first; pairs whose entry is gone are
     /// skipped when popped, and the heap is rebuilt when they pile up.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -200,7 +200,7 @@ impl TaskMetrics {
                 max_pending,
                 table: Mutex::new(Table {
                     hasher: RandomState::new(),
-                    entries: HashMap::new(),
+                    entries: PreHashedMap::default(),
                     deadlines: BinaryHeap::new(),
                 }),
                 actions: LabelGuard::new("task_type", max_label_values),
