@@ -312,6 +312,15 @@ fn bench(c: &mut Criterion) {
     hand.bench_function("consume/instrumented", |b| {
         b.iter(|| handwritten_consume(&tracer, black_box(&delivery)));
     });
+    // The same with sampling off: the floor of the unsampled goal.
+    let off = unsampled.tracer("handwritten");
+    hand.bench_function("publish_unsampled/instrumented", |b| {
+        let _guard = task_cx.clone().attach();
+        b.iter(|| black_box(handwritten_publish(&off, black_box(COMMAND))));
+    });
+    hand.bench_function("consume_unsampled/instrumented", |b| {
+        b.iter(|| handwritten_consume(&off, black_box(&delivery)));
+    });
     hand.finish();
     drop(task_cx);
     let _ = sampled.shutdown();
@@ -323,7 +332,8 @@ criterion_group!(benches, bench);
 /// `MINDBUS_PROFILE=publish|consume/<chain>/<body> [MINDBUS_PROFILE_N=100000]`
 /// (or `envelope/read/<body>` for the envelope read alone,
 /// `envelope/serde_json_value/<body>` for serde_json reading the same body, or
-/// `handwritten/publish|consume/cloudevent` for the hand-written floor)
+/// `handwritten/publish|consume[_unsampled]/cloudevent` for the hand-written
+/// floor)
 /// runs one case in a plain loop, for `valgrind --tool=callgrind` (whose
 /// instruction counts do not depend on what else the machine is doing).
 fn profile(case: &str) {
@@ -357,13 +367,17 @@ fn profile(case: &str) {
     let sampled = provider(true, STOCK_QUEUE.max(n + 1024));
     let unsampled = provider(false, STOCK_QUEUE);
     if side == "handwritten" {
-        let tracer = sampled.tracer("handwritten");
+        let tracer = if chain_name.ends_with("_unsampled") {
+            unsampled.tracer("handwritten")
+        } else {
+            sampled.tracer("handwritten")
+        };
         let task = sampled.tracer("bench").start("execute_task");
         let _guard = Context::new().with_span(task).attach();
         let delivery = traced_delivery(&body);
         for _ in 0..n {
             match chain_name {
-                "publish" => {
+                "publish" | "publish_unsampled" => {
                     black_box(handwritten_publish(&tracer, &body));
                 }
                 _ => handwritten_consume(&tracer, black_box(&delivery)),

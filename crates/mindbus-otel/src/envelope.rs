@@ -981,17 +981,10 @@ fn unescape(raw: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// A fixture from `testdata/mindbus` (copied from the MindBus protocol
-    /// notes): its routing key and its body as bytes.
+    /// A fixture's routing key and body.
     fn fixture(name: &str) -> (String, Vec<u8>) {
-        let path = format!(
-            "{}/../../testdata/mindbus/{name}.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let v: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
-        let rk = v["routing_key"].as_str().expect("routing_key").to_owned();
-        (rk, serde_json::to_vec(&v["body"]).expect("body"))
+        let f = crate::test_fixtures::fixture(name);
+        (f.routing_key, f.body)
     }
 
     #[test]

@@ -113,6 +113,11 @@ pub mod spans;
 pub mod task_metrics;
 pub mod w3c;
 
+#[cfg(test)]
+#[path = "../tests/support/fixtures.rs"]
+#[allow(clippy::expect_used, clippy::panic, dead_code)]
+mod test_fixtures;
+
 pub use agent_metrics::AgentMetrics;
 pub use channel::{TracedChannel, TracedChannelBuilder};
 pub use confirm::PublisherConfirm;

@@ -156,6 +156,7 @@ struct Inner {
     tracer: TracerSource,
     link_only: [bool; 6],
     payload_cap: Option<usize>,
+    body_size: bool,
     server: Option<(Arc<str>, u16)>,
     in_flight: InFlight,
     names: NameCache,
@@ -173,6 +174,7 @@ impl fmt::Debug for MessagingSpans {
         f.debug_struct("MessagingSpans")
             .field("link_only", &self.inner.link_only)
             .field("payload_cap", &self.inner.payload_cap)
+            .field("body_size", &self.inner.body_size)
             .field("server", &self.inner.server)
             .field("stats", &self.inner.stats)
             .finish_non_exhaustive()
@@ -187,6 +189,7 @@ impl MessagingSpans {
                 tracer: TracerSource::Global,
                 link_only: [false; 6],
                 payload_cap: None,
+                body_size: false,
                 server: None,
                 in_flight: InFlight {
                     hasher: RandomState::new(),
@@ -208,6 +211,7 @@ impl MessagingSpans {
                 if let Some(inner) = Arc::get_mut(&mut fresh.inner) {
                     inner.link_only = self.inner.link_only;
                     inner.payload_cap = self.inner.payload_cap;
+                    inner.body_size = self.inner.body_size;
                     inner.server = self.inner.server.clone();
                     inner.in_flight.max = self.inner.in_flight.max;
                     f(inner);
@@ -240,6 +244,14 @@ impl MessagingSpans {
     /// (lossy UTF-8). Off by default: payloads may hold private data.
     pub fn record_payload(self, max_bytes: usize) -> Self {
         self.edit(|i| i.payload_cap = Some(max_bytes))
+    }
+
+    /// Records `messaging.message.body.size` (payload bytes). Off by
+    /// default, as the semantic conventions make it opt-in: every attribute
+    /// past 17 moves a span's attribute vector into a slower allocation
+    /// class (see BENCHMARKS.md, "Attributes per span").
+    pub fn record_body_size(self, enabled: bool) -> Self {
+        self.edit(|i| i.body_size = enabled)
     }
 
     /// The broker address for `server.address` / `server.port`.
@@ -327,10 +339,12 @@ impl MessagingSpans {
                 ids.value(c.as_str()),
             ));
         }
-        push(KeyValue::new(
-            MESSAGING_MESSAGE_BODY_SIZE,
-            payload.len() as i64,
-        ));
+        if self.inner.body_size {
+            push(KeyValue::new(
+                MESSAGING_MESSAGE_BODY_SIZE,
+                payload.len() as i64,
+            ));
+        }
         self.payload_attribute(push, payload);
 
         let names = &self.inner.names;
@@ -351,13 +365,13 @@ impl MessagingSpans {
                 known.map_or_else(|| names.value(cap(t)), Value::from),
             ));
         }
-        if let Some(v) = env.spec_version() {
-            let value = if v == "1.0" {
-                Value::from("1.0")
-            } else {
-                names.value(cap(v))
-            };
-            push(KeyValue::new(CLOUDEVENTS_EVENT_SPEC_VERSION, value));
+        // Every MindBus message is CloudEvents 1.0 (the protocol requires
+        // it): the version is recorded only when it says something.
+        if let Some(v) = env.spec_version().filter(|v| *v != "1.0") {
+            push(KeyValue::new(
+                CLOUDEVENTS_EVENT_SPEC_VERSION,
+                names.value(cap(v)),
+            ));
         }
         if let Some(v) = env.id() {
             push(KeyValue::new(CLOUDEVENTS_EVENT_ID, ids.value(cap(v))));
@@ -375,6 +389,44 @@ impl MessagingSpans {
                 String::from_utf8_lossy(shown).into_owned(),
             ));
         }
+    }
+
+    /// How many attributes a recording span of this message ends with:
+    /// the creation ones, `extra` (the direction's own, including those
+    /// added at its end) and what [`Self::message_attributes`] pushes. The
+    /// vector is allocated at that size once: not growing it saves a copy,
+    /// and the size class matters (see `ATTRIBUTES_CAPACITY`).
+    fn attribute_count(
+        &self,
+        extra: usize,
+        agent: bool,
+        temporary: bool,
+        routing_key: &str,
+        props: &lapin::BasicProperties,
+        env: &EnvelopeRef<'_>,
+    ) -> usize {
+        let inner = &self.inner;
+        let flag = usize::from;
+        let body = [
+            env.action(),
+            env.error_code(),
+            env.source(),
+            env.event_type(),
+            env.id(),
+            env.subject(),
+        ];
+        CREATION_ATTRIBUTES
+            + extra
+            + 2 * flag(inner.server.is_some())
+            + flag(agent)
+            + 2 * flag(temporary)
+            + flag(!routing_key.is_empty())
+            + flag(props.message_id().is_some())
+            + flag(props.correlation_id().is_some())
+            + flag(inner.body_size)
+            + flag(inner.payload_cap.is_some())
+            + body.iter().filter(|v| v.is_some()).count()
+            + flag(env.spec_version().is_some_and(|v| v != "1.0"))
     }
 
     /// The RPC parent of a reply published outside any span.
@@ -419,9 +471,20 @@ impl MessagingSpans {
 /// trusted to keep ids and names short.
 pub const MAX_BODY_ATTRIBUTE_LEN: usize = 256;
 
-/// Room for every attribute a span can get (5 at creation, up to 20 more
-/// when it records, 3 at its end), so the SDK never grows the vector.
-const ATTRIBUTES_CAPACITY: usize = 32;
+/// Attributes every span gets at creation (what samplers see).
+const CREATION_ATTRIBUTES: usize = 5;
+
+/// Most attributes whose vector (56 bytes each) stays under 1 KiB, glibc's
+/// small-bin limit. A span's attribute vector is allocated on the
+/// messaging thread and freed on the span processor's; past this size
+/// every allocation takes glibc's large-bin path (with a consolidation of
+/// the fast bins the other thread's frees filled), which measured 0.8 µs
+/// per span (BENCHMARKS.md, "Attributes per span"). Default spans of
+/// COMMAND, RESULT, EVENT and CONTROL messages stay within it (`server`
+/// adds two attributes; ERROR messages, rare, carry one more).
+/// (Checked by the tests; the code sizes each vector exactly.)
+#[cfg(test)]
+const ATTRIBUTES_CAPACITY: usize = 17;
 
 /// A span builder that keeps the capacity of `attributes` (the builder's
 /// `with_attributes` would collect them into a new, exactly-sized vector).
@@ -449,6 +512,24 @@ impl SharedIds {
             }
         }
     }
+}
+
+fn flag(b: bool) -> usize {
+    usize::from(b)
+}
+
+/// The attributes a PRODUCER span gets besides the message's: the RPC
+/// parent marker, and at its end `mindbus.publish.confirm` (and
+/// `error.type` for an ERROR message).
+fn publish_extra(rpc: bool, kind: MessageKind) -> usize {
+    flag(rpc) + 1 + flag(kind == MessageKind::Error)
+}
+
+/// The attributes a CONSUMER span gets besides the message's: the
+/// subscription and the delivery tag, and at its end `mindbus.settlement`
+/// (and `error.type` for an ERROR message).
+fn delivery_extra(kind: MessageKind) -> usize {
+    2 + 1 + flag(kind == MessageKind::Error)
 }
 
 /// `value` cut to [`MAX_BODY_ATTRIBUTE_LEN`] bytes at a character boundary.
@@ -654,7 +735,11 @@ impl Interceptor for MessagingSpans {
 
         // What samplers may look at is given at creation; the details only
         // when the span records (nothing is computed for unsampled spans).
-        let mut attrs = Vec::with_capacity(ATTRIBUTES_CAPACITY);
+        let extra = publish_extra(rpc, kind);
+        let agent = msg.state().agent_shared().is_some();
+        let capacity =
+            self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
+        let mut attrs = Vec::with_capacity(capacity);
         attrs.extend([
             KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
             KeyValue::new(MESSAGING_OPERATION_NAME, "publish"),
@@ -766,7 +851,12 @@ impl Interceptor for MessagingSpans {
         } else {
             remote
         };
-        let mut attrs = Vec::with_capacity(ATTRIBUTES_CAPACITY);
+        let extra = delivery_extra(kind);
+        let agent = msg.state().agent_shared().is_some();
+        let routing_key = delivery.routing_key.as_str();
+        let capacity =
+            self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
+        let mut attrs = Vec::with_capacity(capacity);
         attrs.extend([
             KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
             KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
@@ -932,5 +1022,208 @@ mod tests {
         assert!(names.cached.load(Ordering::Relaxed) <= MAX_CACHED_NAMES);
         let (n, _, _) = names.get(Op::Process, "one-more");
         assert_eq!(n.as_ref(), "process one-more");
+    }
+}
+
+#[cfg(test)]
+mod attribute_tests {
+    use super::*;
+    use crate::envelope::Envelope;
+    use crate::interceptor::InterceptorChain;
+    use crate::message::{Outcome, PublishResult, Settlement};
+    use crate::test_fixtures::{NAMES, fixture};
+    use lapin::message::Delivery;
+    use lapin::options::BasicPublishOptions;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+
+    #[derive(Debug, Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Collect {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            if let Ok(mut spans) = self.0.lock() {
+                spans.extend(batch);
+            }
+            Ok(())
+        }
+    }
+
+    /// Publishes and consumes every fixture through `spans` and returns
+    /// each span with the vector size predicted for it.
+    fn run(configure: impl Fn(MessagingSpans) -> MessagingSpans) -> Vec<(SpanData, usize)> {
+        let collect = Collect::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(collect.clone())
+            .build();
+        let spans = configure(MessagingSpans::new().with_tracer_provider(&provider));
+        let agent: Option<Arc<str>> = Some(Arc::from("agent.writer.001"));
+        let chain = InterceptorChain::new(vec![Arc::new(spans.clone())], agent);
+        let mut predicted = Vec::new();
+        for name in NAMES {
+            let f = fixture(name);
+            let env = Envelope::read(&f.routing_key, &f.body);
+            let env = env.view();
+            let destination = if f.exchange.is_empty() {
+                f.routing_key.as_str()
+            } else {
+                f.exchange.as_str()
+            };
+            let temporary = is_temporary_queue(destination);
+            let (_, mut state) = chain.start_publish(
+                &f.exchange,
+                &f.routing_key,
+                BasicPublishOptions::default(),
+                &f.body,
+                f.properties.clone(),
+            );
+            chain.end_publish(&mut state, &PublishResult::Sent);
+            predicted.push(spans.attribute_count(
+                publish_extra(false, env.kind()),
+                true,
+                temporary,
+                &f.routing_key,
+                &f.properties,
+                &env,
+            ));
+
+            let queue = "mindbus.test.queue";
+            let mut delivery = Delivery::mock(
+                7,
+                f.exchange.as_str().into(),
+                f.routing_key.as_str().into(),
+                false,
+                f.body.clone(),
+            );
+            delivery.properties = f.properties.clone();
+            let mut state = chain.start_delivery(&delivery, queue, false);
+            chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            predicted.push(spans.attribute_count(
+                delivery_extra(env.kind()),
+                true,
+                false,
+                &f.routing_key,
+                &f.properties,
+                &env,
+            ));
+        }
+        let _ = provider.force_flush();
+        let exported = collect.0.lock().map(|s| s.clone()).unwrap_or_default();
+        assert_eq!(exported.len(), predicted.len(), "one span per operation");
+        exported.into_iter().zip(predicted).collect()
+    }
+
+    fn describe(span: &SpanData) -> String {
+        let keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();
+        format!("{} ({} attributes: {keys:?})", span.name, keys.len())
+    }
+
+    /// The vector is allocated at its final size: the prediction is exact
+    /// for every MindBus kind, each direction and each option.
+    #[test]
+    fn the_attribute_vector_is_sized_exactly() {
+        type Configure = fn(MessagingSpans) -> MessagingSpans;
+        let configs: [(&str, Configure); 3] = [
+            ("default", |s| s),
+            ("server", |s| s.server("127.0.0.1", 5672)),
+            ("everything", |s| {
+                s.server("127.0.0.1", 5672)
+                    .record_body_size(true)
+                    .record_payload(64)
+            }),
+        ];
+        for (config, configure) in configs {
+            for (span, predicted) in run(configure) {
+                assert_eq!(
+                    span.attributes.len(),
+                    predicted,
+                    "{config}: {}",
+                    describe(&span)
+                );
+            }
+        }
+    }
+
+    /// The default spans of the hot MindBus kinds fit the small vector
+    /// (see [`ATTRIBUTES_CAPACITY`]): a new default attribute must be
+    /// weighed against the allocation class it would push spans into.
+    /// ERROR messages (rare) carry their code twice and may exceed it.
+    #[test]
+    fn default_spans_fit_the_small_vector() {
+        let mut checked = 0;
+        for (span, _) in run(|s| s) {
+            let kind = span
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == MINDBUS_MESSAGE_KIND)
+                .map(|kv| kv.value.as_str().into_owned());
+            if kind.as_deref() == Some("error") {
+                continue;
+            }
+            checked += 1;
+            assert!(
+                span.attributes.len() <= ATTRIBUTES_CAPACITY,
+                "{}",
+                describe(&span)
+            );
+        }
+        assert_eq!(checked, 8, "four kinds, both directions");
+    }
+
+    /// `messaging.message.body.size` is opt-in (as in the semantic
+    /// conventions); `cloudevents.event_spec_version` is recorded only when
+    /// it is not MindBus's `1.0`.
+    #[test]
+    fn opt_in_and_protocol_fixed_attributes() {
+        let has =
+            |span: &SpanData, key: &str| span.attributes.iter().any(|kv| kv.key.as_str() == key);
+        for (span, _) in run(|s| s) {
+            assert!(
+                !has(&span, MESSAGING_MESSAGE_BODY_SIZE),
+                "{}",
+                describe(&span)
+            );
+            assert!(
+                !has(&span, CLOUDEVENTS_EVENT_SPEC_VERSION),
+                "{}",
+                describe(&span)
+            );
+        }
+        for (span, _) in run(|s| s.record_body_size(true)) {
+            assert!(
+                has(&span, MESSAGING_MESSAGE_BODY_SIZE),
+                "{}",
+                describe(&span)
+            );
+        }
+        // Another version is recorded, and counted in the vector's size.
+        let spans = MessagingSpans::new();
+        for (body, expected) in [
+            (
+                &br#"{"specversion":"0.3","type":"x","id":"1"}"#[..],
+                Some("0.3"),
+            ),
+            (&br#"{"specversion":"1.0","type":"x","id":"1"}"#[..], None),
+        ] {
+            let env = Envelope::read("evt.x", body);
+            let props = lapin::BasicProperties::default();
+            let mut pushed = Vec::new();
+            spans.message_attributes(
+                &mut |kv| pushed.push(kv),
+                None,
+                false,
+                "evt.x",
+                &props,
+                body,
+                &env.view(),
+            );
+            let version = pushed
+                .iter()
+                .find(|kv| kv.key.as_str() == CLOUDEVENTS_EVENT_SPEC_VERSION)
+                .map(|kv| kv.value.as_str().into_owned());
+            assert_eq!(version.as_deref(), expected);
+            let count = spans.attribute_count(0, false, false, "evt.x", &props, &env.view());
+            assert_eq!(count, CREATION_ATTRIBUTES + pushed.len());
+        }
     }
 }

@@ -181,17 +181,19 @@ fn bytes() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// The real MindBus fixtures, as bodies.
+#[path = "support/fixtures.rs"]
+#[allow(dead_code)]
+mod support_fixtures;
+
+/// The real MindBus fixtures, as routing keys and bodies.
 fn fixtures() -> Vec<(String, Vec<u8>)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/mindbus");
-    let mut out = Vec::new();
-    for name in ["command", "result", "error", "event", "control"] {
-        let text = std::fs::read_to_string(format!("{dir}/{name}.json")).expect("fixture");
-        let v: Value = serde_json::from_str(&text).expect("fixture is JSON");
-        let rk = v["routing_key"].as_str().expect("routing_key").to_owned();
-        out.push((rk, serde_json::to_vec(&v["body"]).expect("body")));
-    }
-    out
+    support_fixtures::NAMES
+        .iter()
+        .map(|name| {
+            let f = support_fixtures::fixture(name);
+            (f.routing_key, f.body)
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------ tests
