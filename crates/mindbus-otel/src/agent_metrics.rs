@@ -289,7 +289,7 @@ impl Interceptor for AgentMetrics {
             )
         });
         sent.increment(1);
-        duration.record(state.started().elapsed().as_secs_f64());
+        duration.record(state.elapsed().as_secs_f64());
         let outcome = if error.is_some() {
             "publish_error"
         } else {
@@ -339,7 +339,7 @@ impl Interceptor for AgentMetrics {
             return;
         };
         let i = &self.inner;
-        let elapsed = state.started().elapsed().as_secs_f64();
+        let elapsed = state.elapsed().as_secs_f64();
         // An ack/nack/reject that never reached the broker (its channel
         // closed) leaves the message to be redelivered: not a success.
         let not_applied = !settlement.applied

@@ -250,6 +250,7 @@ impl InterceptorChain {
     }
 
     pub(crate) fn publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
+        state.mark_ended();
         for i in self.interceptors.iter() {
             guarded("on_publish_result", || i.on_publish_result(state, result));
         }
@@ -262,6 +263,7 @@ impl InterceptorChain {
     }
 
     pub(crate) fn settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
+        state.mark_ended();
         for i in self.interceptors.iter().rev() {
             guarded("on_settle", || i.on_settle(state, settlement));
         }

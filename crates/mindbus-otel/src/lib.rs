@@ -100,6 +100,7 @@ pub use opentelemetry;
 pub mod agent_metrics;
 pub mod carrier;
 mod channel;
+mod clock;
 mod confirm;
 mod delivery;
 pub mod envelope;

@@ -25,7 +25,7 @@ use opentelemetry::Context;
 use std::any::{Any, TypeId};
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A small type map where each interceptor keeps its per-message state.
 ///
@@ -146,6 +146,7 @@ pub struct MessageState {
     envelope: Option<Envelope>,
     kind: MessageKind,
     started: Instant,
+    ended: Option<Instant>,
     agent: Option<Arc<str>>,
     pull: bool,
     pub(crate) builtin: Builtin,
@@ -161,6 +162,7 @@ impl MessageState {
             envelope: None,
             kind: MessageKind::Unknown,
             started: Instant::now(),
+            ended: None,
             agent,
             pull: false,
             builtin: Builtin::default(),
@@ -210,6 +212,25 @@ impl MessageState {
     /// When the start hooks began (publish call or delivery received).
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// When the end hooks began (publish result or settlement): one clock
+    /// reading shared by every interceptor. Before the end hooks, now.
+    pub fn ended(&self) -> Instant {
+        self.ended.unwrap_or_else(Instant::now)
+    }
+
+    /// From [`started`](Self::started) to [`ended`](Self::ended).
+    pub fn elapsed(&self) -> Duration {
+        self.ended().saturating_duration_since(self.started)
+    }
+
+    /// Reads the clock for the end hooks (once: a second call keeps the
+    /// first reading).
+    pub(crate) fn mark_ended(&mut self) {
+        if self.ended.is_none() {
+            self.ended = Some(Instant::now());
+        }
     }
 
     /// This process's agent identity, as configured on the channel builder.

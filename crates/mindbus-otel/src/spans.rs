@@ -46,6 +46,7 @@
 //! Payloads are never recorded unless [`MessagingSpans::record_payload`]
 //! opts in (with a byte cap).
 
+use crate::clock;
 use crate::envelope::{EnvelopeRef, MessageKind};
 use crate::interceptor::Interceptor;
 use crate::labels::{FastMap, PreHashedMap};
@@ -67,6 +68,7 @@ use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 /// Default bound of the in-flight COMMAND table.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
@@ -140,6 +142,9 @@ impl InFlight {
 /// Per-message state of this interceptor.
 pub(crate) struct SpanState {
     cx: Context,
+    /// The span's start time (its end is this plus the message's elapsed
+    /// monotonic time: see [`crate::clock`]).
+    start: SystemTime,
     in_flight: Option<u64>,
     /// The `data.error.code` of an ERROR message: its `error.type` unless
     /// the operation itself fails (a span gets one `error.type`, at its end).
@@ -288,8 +293,8 @@ impl MessagingSpans {
         }
     }
 
-    fn end(&self, cx: &Context) {
-        cx.span().end();
+    fn end(&self, cx: &Context, at: SystemTime) {
+        cx.span().end_with_timestamp(at);
         self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -487,9 +492,17 @@ const CREATION_ATTRIBUTES: usize = 5;
 const ATTRIBUTES_CAPACITY: usize = 17;
 
 /// A span builder that keeps the capacity of `attributes` (the builder's
-/// `with_attributes` would collect them into a new, exactly-sized vector).
-fn builder(name: Cow<'static, str>, kind: SpanKind, attributes: Vec<KeyValue>) -> SpanBuilder {
-    let mut builder = SpanBuilder::from_name(name).with_kind(kind);
+/// `with_attributes` would collect them into a new, exactly-sized vector),
+/// starting at `start` (so the SDK does not read the clock again).
+fn builder(
+    name: Cow<'static, str>,
+    kind: SpanKind,
+    attributes: Vec<KeyValue>,
+    start: SystemTime,
+) -> SpanBuilder {
+    let mut builder = SpanBuilder::from_name(name)
+        .with_kind(kind)
+        .with_start_time(start);
     builder.attributes = Some(attributes);
     builder
 }
@@ -749,7 +762,8 @@ impl Interceptor for MessagingSpans {
         ]);
         let error_code = (kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
-        let mut span = self.start(builder(name, SpanKind::Producer, attrs), &parent);
+        let start = clock::system_time(msg.state().started());
+        let mut span = self.start(builder(name, SpanKind::Producer, attrs, start), &parent);
         if span.is_recording() {
             let push = &mut |kv| span.set_attribute(kv);
             if rpc {
@@ -774,13 +788,20 @@ impl Interceptor for MessagingSpans {
         msg.state_mut().set_context(cx.clone());
         msg.state_mut().builtin.spans = Some(SpanState {
             cx,
+            start,
             in_flight: None,
             error_code,
         });
     }
 
     fn on_publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
-        let Some(SpanState { cx, error_code, .. }) = state.builtin.spans.take() else {
+        let Some(SpanState {
+            cx,
+            start,
+            error_code,
+            ..
+        }) = state.builtin.spans.take()
+        else {
             return;
         };
         let span = cx.span();
@@ -819,7 +840,7 @@ impl Interceptor for MessagingSpans {
         if !failed && let Some(code) = error_code {
             span.set_attribute(KeyValue::new(ERROR_TYPE, code));
         }
-        self.end(&cx);
+        self.end(&cx, start + state.elapsed());
     }
 
     fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
@@ -866,7 +887,8 @@ impl Interceptor for MessagingSpans {
         ]);
         let error_code = (kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
-        let mut builder = builder(name, SpanKind::Consumer, attrs);
+        let start = clock::system_time(msg.state().started());
+        let mut builder = builder(name, SpanKind::Consumer, attrs, start);
         if producer.is_valid() {
             builder = builder.with_links(vec![Link::with_context(producer)]);
         }
@@ -915,6 +937,7 @@ impl Interceptor for MessagingSpans {
         msg.state_mut().set_context(cx.clone());
         msg.state_mut().builtin.spans = Some(SpanState {
             cx,
+            start,
             in_flight,
             error_code,
         });
@@ -926,6 +949,7 @@ impl Interceptor for MessagingSpans {
         }
         let Some(SpanState {
             cx,
+            start,
             in_flight,
             error_code,
         }) = state.builtin.spans.take()
@@ -989,7 +1013,7 @@ impl Interceptor for MessagingSpans {
             (None, Some(code)) => span.set_attribute(KeyValue::new(ERROR_TYPE, code)),
             (None, None) => {}
         }
-        self.end(&cx);
+        self.end(&cx, start + state.elapsed());
     }
 }
 
@@ -1168,6 +1192,53 @@ mod attribute_tests {
             );
         }
         assert_eq!(checked, 8, "four kinds, both directions");
+    }
+
+    /// Span times come from the chain's two clock readings: the start when
+    /// the start hooks ran, the end when the end hooks ran, in wall-clock
+    /// time.
+    #[test]
+    fn span_times_are_the_hooks_times() {
+        let collect = Collect::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(collect.clone())
+            .build();
+        let spans = MessagingSpans::new().with_tracer_provider(&provider);
+        let chain = InterceptorChain::new(vec![Arc::new(spans)], None);
+        let f = fixture("command");
+        let t0 = SystemTime::now();
+        let (_, mut state) = chain.start_publish(
+            &f.exchange,
+            &f.routing_key,
+            BasicPublishOptions::default(),
+            &f.body,
+            f.properties.clone(),
+        );
+        let t1 = SystemTime::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let t2 = SystemTime::now();
+        chain.end_publish(&mut state, &PublishResult::Sent);
+        let t3 = SystemTime::now();
+        let _ = provider.force_flush();
+        let exported = collect.0.lock().map(|s| s.clone()).unwrap_or_default();
+        let [span] = &exported[..] else {
+            panic!("one span, got {}", exported.len());
+        };
+        // The anchor maps instants to within a few µs of the wall clock.
+        let slack = std::time::Duration::from_millis(2);
+        assert!(
+            span.start_time + slack >= t0 && span.start_time <= t1 + slack,
+            "start"
+        );
+        assert!(
+            span.end_time + slack >= t2 && span.end_time <= t3 + slack,
+            "end"
+        );
+        let took = span
+            .end_time
+            .duration_since(span.start_time)
+            .unwrap_or_default();
+        assert!(took >= std::time::Duration::from_millis(20), "{took:?}");
     }
 
     /// `messaging.message.body.size` is opt-in (as in the semantic

@@ -283,11 +283,11 @@ impl TaskMetrics {
         correlation_id: &str,
         action: LabelId,
         ttl: Duration,
+        now: Instant,
     ) -> Option<(u64, Instant)> {
         let Ok(mut t) = self.inner.table.lock() else {
             return None;
         };
-        let now = Instant::now();
         self.sweep(&mut t, now);
         let key = t.hasher.hash_one(correlation_id);
         // Full: evict the live entry closest to expiry (counted as expired).
@@ -333,9 +333,9 @@ impl TaskMetrics {
         true
     }
 
-    fn reply_received(&self, correlation_id: &str) -> Option<Pending> {
+    /// `now`: when the reply was received.
+    fn reply_received(&self, correlation_id: &str, now: Instant) -> Option<Pending> {
         let mut t = self.inner.table.lock().ok()?;
-        let now = Instant::now();
         self.sweep(&mut t, now);
         let key = t.hasher.hash_one(correlation_id);
         let p = t.entries.remove(&key);
@@ -369,6 +369,8 @@ impl Interceptor for TaskMetrics {
             .or(props.message_id().as_ref())
             .map(|c| c.as_str());
         let ttl = ttl_of(props.expiration().as_ref().map(|e| e.as_str()));
+        // The chain's clock reading for this publish (no second one).
+        let now = msg.state().started();
         let env = msg.envelope();
         if env.kind() != MessageKind::Command {
             return;
@@ -381,7 +383,7 @@ impl Interceptor for TaskMetrics {
         // Registered now, not when the publish result comes: with confirms
         // awaited in batches (or a slow wake-up after the write), the reply
         // can be delivered before the result hook runs.
-        let registered = self.command_sent(correlation_id, action, ttl);
+        let registered = self.command_sent(correlation_id, action, ttl, now);
         msg.state_mut().builtin.task = Some(CommandOut { registered });
     }
 
@@ -412,6 +414,7 @@ impl Interceptor for TaskMetrics {
             .correlation_id()
             .as_ref()
             .map(|c| c.as_str());
+        let received = msg.state().started();
         let env = msg.envelope();
         let kind = env.kind();
         if !matches!(kind, MessageKind::Result | MessageKind::Error) {
@@ -443,7 +446,7 @@ impl Interceptor for TaskMetrics {
 
         // The task this reply ends.
         let status = if kind == MessageKind::Result { 1 } else { 2 };
-        match correlation_id.map(|c| self.reply_received(c)) {
+        match correlation_id.map(|c| self.reply_received(c, received)) {
             Some(Some(pending)) => {
                 self.status(status).increment(1);
                 let action = pending.action;
@@ -454,7 +457,11 @@ impl Interceptor for TaskMetrics {
                             vec![Label::new("task_type", i.actions.value(action),)]
                         )
                     })
-                    .record(pending.sent.elapsed().as_secs_f64());
+                    .record(
+                        received
+                            .saturating_duration_since(pending.sent)
+                            .as_secs_f64(),
+                    );
             }
             Some(None) if !redelivered => self.status(status).increment(1),
             Some(None) => {}
@@ -659,7 +666,7 @@ mod tests {
     fn the_table_is_bounded_and_expires() {
         let tm = TaskMetrics::with_limits(100, 10);
         for i in 0..10_000 {
-            tm.command_sent(&format!("c{i}"), 0, Duration::from_secs(60));
+            tm.command_sent(&format!("c{i}"), 0, Duration::from_secs(60), Instant::now());
         }
         assert_eq!(tm.pending(), 100);
         assert!(
@@ -670,10 +677,15 @@ mod tests {
                 .unwrap_or(0)
                 <= 200
         );
-        assert!(tm.reply_received("c9999").is_some());
-        assert!(tm.reply_received("c0").is_none(), "evicted");
+        assert!(tm.reply_received("c9999", Instant::now()).is_some());
+        assert!(tm.reply_received("c0", Instant::now()).is_none(), "evicted");
         for i in 0..50 {
-            tm.command_sent(&format!("short{i}"), 0, Duration::from_millis(1));
+            tm.command_sent(
+                &format!("short{i}"),
+                0,
+                Duration::from_millis(1),
+                Instant::now(),
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
         // 99 left + 50 short-lived ones, each past the first evicting the
