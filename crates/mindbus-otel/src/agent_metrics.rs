@@ -206,32 +206,40 @@ impl AgentMetrics {
         self.inner.agents.id(state.agent().unwrap_or(UNKNOWN_AGENT))
     }
 
-    fn messages(
+    /// Counts one message in `mindbus_messages_total`.
+    fn count_message(
         &self,
         agent: LabelId,
         kind: MessageKind,
         dir: Direction,
         outcome: &'static str,
-    ) -> Counter {
+    ) {
         let i = &self.inner;
-        i.messages.get((agent, kind, dir, outcome), || {
-            metrics::counter!(
-                MESSAGES,
-                vec![
-                    Label::new("agent", i.agents.value(agent)),
-                    Label::new("kind", kind.as_str()),
-                    Label::new("direction", dir.as_str()),
-                    Label::new("outcome", outcome),
-                ]
-            )
-        })
+        i.messages.with(
+            (agent, kind, dir, outcome),
+            || {
+                metrics::counter!(
+                    MESSAGES,
+                    vec![
+                        Label::new("agent", i.agents.value(agent)),
+                        Label::new("kind", kind.as_str()),
+                        Label::new("direction", dir.as_str()),
+                        Label::new("outcome", outcome),
+                    ]
+                )
+            },
+            |c| c.increment(1),
+        );
     }
 
-    fn in_flight(&self, agent: LabelId) -> Gauge {
+    /// Moves the agent's in-flight gauge by `delta`.
+    fn in_flight(&self, agent: LabelId, delta: f64) {
         let i = &self.inner;
-        i.in_flight.get(agent, || {
-            metrics::gauge!(IN_FLIGHT, vec![Label::new("agent", i.agents.value(agent))])
-        })
+        i.in_flight.with(
+            agent,
+            || metrics::gauge!(IN_FLIGHT, vec![Label::new("agent", i.agents.value(agent))]),
+            |g| g.increment(delta),
+        );
     }
 }
 
@@ -271,7 +279,7 @@ impl Interceptor for AgentMetrics {
         };
         let i = &self.inner;
         let error_id = error.as_deref().map(|e| i.errors.id(e));
-        let (sent, duration) = i.sent.get((meta.destination, error_id), || {
+        let make = || {
             let mut labels = vec![
                 Label::new("messaging_system", "rabbitmq"),
                 Label::new("messaging_operation_name", "publish"),
@@ -287,16 +295,19 @@ impl Interceptor for AgentMetrics {
                 metrics::counter!(SENT_MESSAGES, labels.clone()),
                 metrics::histogram!(OPERATION_DURATION, labels),
             )
-        });
-        sent.increment(1);
-        duration.record(state.elapsed().as_secs_f64());
+        };
+        let elapsed = state.elapsed().as_secs_f64();
+        i.sent
+            .with((meta.destination, error_id), make, |(sent, duration)| {
+                sent.increment(1);
+                duration.record(elapsed);
+            });
         let outcome = if error.is_some() {
             "publish_error"
         } else {
             "ok"
         };
-        self.messages(meta.agent, meta.kind, Direction::Sent, outcome)
-            .increment(1);
+        self.count_message(meta.agent, meta.kind, Direction::Sent, outcome);
     }
 
     fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
@@ -308,8 +319,9 @@ impl Interceptor for AgentMetrics {
         let source = env.source().unwrap_or(UNKNOWN_AGENT);
         let i = &self.inner;
         let agent = i.agents.id(source);
-        i.consumed
-            .get((destination, pull), || {
+        i.consumed.with(
+            (destination, pull),
+            || {
                 metrics::counter!(
                     CONSUMED_MESSAGES,
                     vec![
@@ -321,10 +333,11 @@ impl Interceptor for AgentMetrics {
                         ),
                     ]
                 )
-            })
-            .increment(1);
+            },
+            |c| c.increment(1),
+        );
         let own = self.own_agent(msg.state());
-        self.in_flight(own).increment(1.0);
+        self.in_flight(own, 1.0);
         msg.state_mut().builtin.agent = Some(Meta {
             destination,
             kind,
@@ -357,8 +370,9 @@ impl Interceptor for AgentMetrics {
             _ => None,
         };
         let error_id = error.map(|e| i.errors.id(e));
-        i.processed
-            .get((meta.destination, meta.pull, error_id), || {
+        i.processed.with(
+            (meta.destination, meta.pull, error_id),
+            || {
                 let mut labels = vec![
                     Label::new("messaging_system", "rabbitmq"),
                     Label::new("messaging_operation_name", operation(meta.pull)),
@@ -371,18 +385,19 @@ impl Interceptor for AgentMetrics {
                     labels.push(Label::new("error_type", i.errors.value(e)));
                 }
                 metrics::histogram!(PROCESS_DURATION, labels)
-            })
-            .record(elapsed);
+            },
+            |h| h.record(elapsed),
+        );
         let outcome = if not_applied || settlement.error.is_some() {
             Outcome::Unsettled.as_str()
         } else {
             settlement.outcome.as_str()
         };
-        self.messages(meta.agent, meta.kind, Direction::Received, outcome)
-            .increment(1);
+        self.count_message(meta.agent, meta.kind, Direction::Received, outcome);
         let own = meta.own;
-        i.processing
-            .get((own, meta.kind), || {
+        i.processing.with(
+            (own, meta.kind),
+            || {
                 metrics::histogram!(
                     PROCESSING_DURATION,
                     vec![
@@ -390,8 +405,9 @@ impl Interceptor for AgentMetrics {
                         Label::new("kind", meta.kind.as_str()),
                     ]
                 )
-            })
-            .record(elapsed);
-        self.in_flight(own).decrement(1.0);
+            },
+            |h| h.record(elapsed),
+        );
+        self.in_flight(own, -1.0);
     }
 }

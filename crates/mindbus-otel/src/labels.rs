@@ -221,6 +221,19 @@ impl<K, H> Default for HandleCache<K, H> {
 }
 
 impl<K: Hash + Eq + Copy, H: Clone> HandleCache<K, H> {
+    /// Runs `f` on the handle for `key` (made with `make` the first time),
+    /// without cloning it: a metric handle is reference-counted, and a
+    /// clone and its drop are two atomic read-modify-writes per use. `f`
+    /// runs under the cache's read lock, so it must not use this cache.
+    pub fn with<R>(&self, key: K, make: impl FnOnce() -> H, f: impl FnOnce(&H) -> R) -> R {
+        if let Ok(map) = self.map.read()
+            && let Some(h) = map.get(&key)
+        {
+            return f(h);
+        }
+        f(&self.get(key, make))
+    }
+
     /// The handle for `key`, made with `make` the first time.
     pub fn get(&self, key: K, make: impl FnOnce() -> H) -> H {
         if let Ok(map) = self.map.read()

@@ -431,8 +431,9 @@ impl Interceptor for TaskMetrics {
                 }
             };
             let code = i.codes.id(code);
-            i.errors
-                .get((agent, code), || {
+            i.errors.with(
+                (agent, code),
+                || {
                     metrics::counter!(
                         AGENT_ERRORS,
                         vec![
@@ -440,8 +441,9 @@ impl Interceptor for TaskMetrics {
                             Label::new("code", i.codes.value(code)),
                         ]
                     )
-                })
-                .increment(1);
+                },
+                |c| c.increment(1),
+            );
         }
 
         // The task this reply ends.
@@ -450,18 +452,17 @@ impl Interceptor for TaskMetrics {
             Some(Some(pending)) => {
                 self.status(status).increment(1);
                 let action = pending.action;
-                i.durations
-                    .get(action, || {
+                let took = received.saturating_duration_since(pending.sent);
+                i.durations.with(
+                    action,
+                    || {
                         metrics::histogram!(
                             TASK_DURATION,
                             vec![Label::new("task_type", i.actions.value(action),)]
                         )
-                    })
-                    .record(
-                        received
-                            .saturating_duration_since(pending.sent)
-                            .as_secs_f64(),
-                    );
+                    },
+                    |h| h.record(took.as_secs_f64()),
+                );
             }
             Some(None) if !redelivered => self.status(status).increment(1),
             Some(None) => {}
@@ -493,7 +494,8 @@ impl Interceptor for TaskMetrics {
             }
         };
         let model = i.models.id(model);
-        let (calls, tokens) = i.llm.get((model, agent), || {
+        let tokens_used = env.tokens_used().filter(|t| *t >= 0.0);
+        let make = || {
             let labels = vec![
                 Label::new("model", i.models.value(model)),
                 Label::new("agent", i.agents.value(agent)),
@@ -502,29 +504,44 @@ impl Interceptor for TaskMetrics {
                 metrics::counter!(LLM_CALLS, labels.clone()),
                 metrics::counter!(LLM_TOKENS, labels),
             )
+        };
+        i.llm.with((model, agent), make, |(calls, tokens)| {
+            calls.increment(1);
+            if let Some(t) = tokens_used {
+                tokens.increment(t as u64);
+            }
         });
-        calls.increment(1);
-        match env.tokens_used() {
-            Some(t) if t >= 0.0 => tokens.increment(t as u64),
-            _ => missing("metrics.tokens_used"),
+        if tokens_used.is_none() {
+            missing("metrics.tokens_used");
         }
-        let (cost, latency) = i.per_model.get(model, || {
+        // The facade's counters are integers: dollars are fractional, so
+        // cost is a gauge that only ever increases (rate()/increase() work
+        // on it as on a counter).
+        let cost_usd = env.cost_usd().filter(|c| *c >= 0.0);
+        let latency_ms = env
+            .latency_ms()
+            .or(env.execution_time_ms())
+            .filter(|ms| *ms >= 0.0);
+        let make = || {
             let labels = vec![Label::new("model", i.models.value(model))];
             (
                 metrics::gauge!(LLM_COST, labels.clone()),
                 metrics::histogram!(LLM_LATENCY, labels),
             )
+        };
+        i.per_model.with(model, make, |(cost, latency)| {
+            if let Some(c) = cost_usd {
+                cost.increment(c);
+            }
+            if let Some(ms) = latency_ms {
+                latency.record(ms / 1000.0);
+            }
         });
-        match env.cost_usd() {
-            // The facade's counters are integers: dollars are fractional, so
-            // this is a gauge that only ever increases (rate()/increase()
-            // work on it as on a counter).
-            Some(c) if c >= 0.0 => cost.increment(c),
-            _ => missing("metrics.cost_usd"),
+        if cost_usd.is_none() {
+            missing("metrics.cost_usd");
         }
-        match env.latency_ms().or(env.execution_time_ms()) {
-            Some(ms) if ms >= 0.0 => latency.record(ms / 1000.0),
-            _ => missing("metrics.latency_ms"),
+        if latency_ms.is_none() {
+            missing("metrics.latency_ms");
         }
     }
 }
