@@ -602,20 +602,29 @@ impl Op {
     }
 }
 
-/// Span names and destination values, built once per destination.
+/// Span names and attribute values, built once per distinct value.
 ///
 /// Names are low-cardinality by construction (exchanges and queues, never
-/// routing keys or generated names), so each is leaked once as a
-/// `&'static str` and reused; past [`MAX_CACHED_NAMES`] destinations (a
-/// misuse) names are built per span instead of growing the cache.
+/// routing keys or generated names), and so are the other cached values
+/// (exchanges, actions, sources): each is leaked once as a `&'static str`
+/// and reused. A static value costs a span nothing to hold and nothing to
+/// drop, where a shared `Arc<str>` would be incremented here and decremented
+/// on the span processor's thread, bouncing its cache line between the two.
+/// Past [`MAX_CACHED_NAMES`] entries (all kinds together, at most 256 bytes
+/// of value each: a misuse) values are built per span instead of growing
+/// the cache.
 struct NameCache {
     names: [RwLock<NameMap>; 3],
-    values: RwLock<FastMap<Box<str>, Arc<str>>>,
+    values: RwLock<FastMap<&'static str, ()>>,
     cached: AtomicUsize,
 }
 
-/// Destination -> (span name, destination value).
-type NameMap = FastMap<Box<str>, (&'static str, Arc<str>)>;
+/// Destination (also its attribute value) -> span name.
+type NameMap = FastMap<&'static str, &'static str>;
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(Box::from(s))
+}
 
 /// Bound of the span-name cache (all operations together).
 pub const MAX_CACHED_NAMES: usize = 1024;
@@ -644,9 +653,9 @@ impl NameCache {
         }
         let map = &self.names[op.index()];
         if let Ok(m) = map.read()
-            && let Some((name, value)) = m.get(destination)
+            && let Some((value, name)) = m.get_key_value(destination)
         {
-            return (Cow::Borrowed(*name), Value::from(Arc::clone(value)), false);
+            return (Cow::Borrowed(*name), Value::from(*value), false);
         }
         let name = format!("{} {destination}", op.as_str());
         if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
@@ -655,34 +664,35 @@ impl NameCache {
         let Ok(mut m) = map.write() else {
             return (Cow::Owned(name), Value::from(destination.to_owned()), false);
         };
-        let (name, value) = m
-            .entry(destination.into())
-            .or_insert_with(|| {
-                self.cached.fetch_add(1, Ordering::Relaxed);
-                let leaked: &'static str = Box::leak(name.into_boxed_str());
-                (leaked, Arc::from(destination))
-            })
-            .clone();
+        if let Some((value, name)) = m.get_key_value(destination) {
+            return (Cow::Borrowed(*name), Value::from(*value), false);
+        }
+        self.cached.fetch_add(1, Ordering::Relaxed);
+        let value = leak(destination);
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        m.insert(value, name);
         (Cow::Borrowed(name), Value::from(value), false)
     }
 
-    /// `s` as a shared attribute value (exchange names).
+    /// `s` as a static attribute value (exchanges, actions, sources).
     fn value(&self, s: &str) -> Value {
         if let Ok(m) = self.values.read()
-            && let Some(v) = m.get(s)
+            && let Some((v, ())) = m.get_key_value(s)
         {
-            return Value::from(Arc::clone(v));
+            return Value::from(*v);
         }
         if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
             return Value::from(s.to_owned());
         }
         match self.values.write() {
             Ok(mut m) => {
-                let v = m.entry(s.into()).or_insert_with(|| {
-                    self.cached.fetch_add(1, Ordering::Relaxed);
-                    Arc::from(s)
-                });
-                Value::from(Arc::clone(v))
+                if let Some((v, ())) = m.get_key_value(s) {
+                    return Value::from(*v);
+                }
+                self.cached.fetch_add(1, Ordering::Relaxed);
+                let v = leak(s);
+                m.insert(v, ());
+                Value::from(v)
             }
             Err(_) => Value::from(s.to_owned()),
         }
