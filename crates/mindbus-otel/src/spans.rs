@@ -116,13 +116,20 @@ impl SpanStats {
     }
 }
 
+/// A COMMAND being handled: the context of its CONSUMER span.
+///
+/// Entries are found by a keyed SipHash of `(reply_to, correlation_id)`
+/// alone; the strings themselves are not kept (two allocations per COMMAND
+/// otherwise). SipHash with a random per-table key is a pseudo-random
+/// function: without the key, a producer cannot make two ids collide, and
+/// two of at most [`DEFAULT_MAX_IN_FLIGHT`] live entries collide by chance
+/// with probability about 10^-11. A collision would only parent one reply's
+/// span under the wrong COMMAND.
 struct InFlightEntry {
-    reply_to: Box<str>,
-    correlation_id: Box<str>,
     cx: Context,
 }
 
-/// COMMANDs being handled, by (reply_to, correlation_id).
+/// COMMANDs being handled, by a keyed hash of (reply_to, correlation_id).
 struct InFlight {
     hasher: RandomState,
     map: Mutex<PreHashedMap<InFlightEntry>>,
@@ -439,8 +446,7 @@ impl MessagingSpans {
         let table = &self.inner.in_flight;
         let key = table.key(routing_key, correlation_id);
         let map = table.map.lock().ok()?;
-        let e = map.get(&key)?;
-        (&*e.reply_to == routing_key && &*e.correlation_id == correlation_id).then(|| e.cx.clone())
+        map.get(&key).map(|e| e.cx.clone())
     }
 
     fn track_command(&self, reply_to: &str, correlation_id: &str, cx: &Context) -> Option<u64> {
@@ -454,14 +460,7 @@ impl MessagingSpans {
                 .fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        map.insert(
-            key,
-            InFlightEntry {
-                reply_to: reply_to.into(),
-                correlation_id: correlation_id.into(),
-                cx: cx.clone(),
-            },
-        );
+        map.insert(key, InFlightEntry { cx: cx.clone() });
         Some(key)
     }
 
