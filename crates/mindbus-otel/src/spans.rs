@@ -873,8 +873,11 @@ impl Interceptor for MessagingSpans {
         // interceptor (or empty).
         let remote = msg.state().context().clone();
         let producer: SpanContext = remote.span().span_context().clone();
-        let ambient = Context::current();
-        let parent = if pull && ambient.span().span_context().is_valid() {
+        // The caller's span matters only for a pull (`basic_get`).
+        let ambient = pull
+            .then(Context::current)
+            .filter(|cx| cx.span().span_context().is_valid());
+        let parent = if let Some(ambient) = ambient {
             with_baggage_of(&remote, ambient)
         } else if self.inner.link_only[kind.index()] {
             with_baggage_of(&remote, Context::new())
