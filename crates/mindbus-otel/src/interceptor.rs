@@ -250,6 +250,9 @@ impl InterceptorChain {
     }
 
     pub(crate) fn publish_result(&self, state: &mut MessageState, result: &PublishResult<'_>) {
+        if self.interceptors.is_empty() {
+            return;
+        }
         state.mark_ended();
         for i in self.interceptors.iter() {
             guarded("on_publish_result", || i.on_publish_result(state, result));
@@ -263,6 +266,9 @@ impl InterceptorChain {
     }
 
     pub(crate) fn settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
+        if self.interceptors.is_empty() {
+            return;
+        }
         state.mark_ended();
         for i in self.interceptors.iter().rev() {
             guarded("on_settle", || i.on_settle(state, settlement));
