@@ -1067,7 +1067,7 @@ mod attribute_tests {
     use crate::envelope::Envelope;
     use crate::interceptor::InterceptorChain;
     use crate::message::{Outcome, PublishResult, Settlement};
-    use crate::test_fixtures::{NAMES, fixture};
+    use crate::test_fixtures::{Fixture, NAMES, fixture};
     use lapin::message::Delivery;
     use lapin::options::BasicPublishOptions;
     use opentelemetry_sdk::error::OTelSdkResult;
@@ -1085,13 +1085,32 @@ mod attribute_tests {
         }
     }
 
-    /// Publishes and consumes every fixture through `spans` and returns
-    /// each span with the vector size predicted for it.
-    fn run(configure: impl Fn(MessagingSpans) -> MessagingSpans) -> Vec<(SpanData, usize)> {
+    /// A provider exporting every span, as it ends, into the returned
+    /// collector.
+    fn collecting() -> (SdkTracerProvider, Collect) {
         let collect = Collect::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(collect.clone())
             .build();
+        (provider, collect)
+    }
+
+    /// Runs the publish hooks for fixture `f`.
+    fn publish(chain: &InterceptorChain, f: &Fixture) -> MessageState {
+        let (_, state) = chain.start_publish(
+            &f.exchange,
+            &f.routing_key,
+            BasicPublishOptions::default(),
+            &f.body,
+            f.properties.clone(),
+        );
+        state
+    }
+
+    /// Publishes and consumes every fixture through `spans` and returns
+    /// each span with the vector size predicted for it.
+    fn run(configure: impl Fn(MessagingSpans) -> MessagingSpans) -> Vec<(SpanData, usize)> {
+        let (provider, collect) = collecting();
         let spans = configure(MessagingSpans::new().with_tracer_provider(&provider));
         let agent: Option<Arc<str>> = Some(Arc::from("agent.writer.001"));
         let chain = InterceptorChain::new(vec![Arc::new(spans.clone())], agent);
@@ -1106,13 +1125,7 @@ mod attribute_tests {
                 f.exchange.as_str()
             };
             let temporary = is_temporary_queue(destination);
-            let (_, mut state) = chain.start_publish(
-                &f.exchange,
-                &f.routing_key,
-                BasicPublishOptions::default(),
-                &f.body,
-                f.properties.clone(),
-            );
+            let mut state = publish(&chain, &f);
             chain.end_publish(&mut state, &PublishResult::Sent);
             predicted.push(spans.attribute_count(
                 publish_extra(false, env.kind()),
@@ -1211,21 +1224,12 @@ mod attribute_tests {
     /// time.
     #[test]
     fn span_times_are_the_hooks_times() {
-        let collect = Collect::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(collect.clone())
-            .build();
+        let (provider, collect) = collecting();
         let spans = MessagingSpans::new().with_tracer_provider(&provider);
         let chain = InterceptorChain::new(vec![Arc::new(spans)], None);
         let f = fixture("command");
         let t0 = SystemTime::now();
-        let (_, mut state) = chain.start_publish(
-            &f.exchange,
-            &f.routing_key,
-            BasicPublishOptions::default(),
-            &f.body,
-            f.properties.clone(),
-        );
+        let mut state = publish(&chain, &f);
         let t1 = SystemTime::now();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let t2 = SystemTime::now();
