@@ -44,7 +44,18 @@
 //! rejected with the lapin error class (`amqp_404`, `channel_closed`, ...).
 //!
 //! Payloads are never recorded unless [`MessagingSpans::record_payload`]
-//! opts in (with a byte cap).
+//! opts in (with a byte cap). `messaging.message.body.size` is opt-in too
+//! ([`MessagingSpans::record_body_size`]), as in the semantic conventions,
+//! and `cloudevents.event_spec_version` is recorded only when it is not the
+//! `1.0` every MindBus message carries: default spans of COMMAND, RESULT,
+//! EVENT and CONTROL messages keep to 17 attributes, which keeps each
+//! span's attribute vector out of glibc's slower large-allocation path
+//! (BENCHMARKS.md).
+//!
+//! **Times.** A span starts when the chain's start hooks began and ends
+//! when its end hooks began, from the chain's two monotonic clock readings
+//! ([`MessageState::started`], [`MessageState::ended`]) mapped to wall-clock
+//! time: its duration is the one the metrics record.
 
 use crate::clock;
 use crate::envelope::{EnvelopeRef, MessageKind};
