@@ -85,13 +85,7 @@ impl<'a> HeaderExtractor<'a> {
         max_len: usize,
         too_long: RejectReason,
     ) -> HeaderValue<'a> {
-        match self.raw(key) {
-            None => HeaderValue::Missing,
-            Some(value) => match value_text_capped(value, max_len, too_long) {
-                Ok(s) => HeaderValue::Text(s),
-                Err(reason) => HeaderValue::Unreadable(reason),
-            },
-        }
+        Found(self.raw(key)).capped(max_len, too_long)
     }
 
     /// True when a header by that name (exact, else ASCII
