@@ -69,6 +69,58 @@ const STOCK_QUEUE: usize = 2048;
 
 const COMMAND: &[u8] = br#"{"specversion":"1.0","type":"ai.team.command","source":"orchestrator-core","id":"5b0f6c1e-7c35-4c1d-9f0e-3f1d2b6a9a01","time":"2026-11-27T12:00:00Z","datacontenttype":"application/json","subject":"task-article-555","data":{"action":"generate_article","params":{"topic":"AI trends","length":2000},"context":{"process_id":"blog-001","step":"draft"},"timeout_seconds":300}}"#;
 
+/// A RESULT as a writer agent sends it: the protocol's fixture with a
+/// 2,047-word article in `data.output` (about 13 KiB, with paragraph breaks,
+/// quotes and a few non-ASCII characters, which JSON escapes or carries as
+/// UTF-8), the size of a real LLM output. Only a few short fields of it are
+/// read; the article is skipped.
+fn result_article() -> Vec<u8> {
+    let words = [
+        "the",
+        "landscape",
+        "of",
+        "AI",
+        "is",
+        "changing",
+        "fast;",
+        "models",
+        "now",
+        "write",
+        "\"draft\"",
+        "articles",
+        "\u{2014}",
+        "and",
+        "critics",
+        "review",
+        "them,",
+        "café",
+        "agents",
+    ];
+    let mut article = String::new();
+    for i in 0..2047 {
+        if i > 0 {
+            article.push_str(if i % 120 == 0 { "\n\n" } else { " " });
+        }
+        article.push_str(words[(i * 7 + i / 13) % words.len()]);
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "specversion": "1.0",
+        "type": "ai.team.result",
+        "source": "agent.writer.001",
+        "id": "c2a4d3f0-11aa-4b7e-8d2c-6e5f4a3b2c10",
+        "time": "2026-11-27T12:00:12Z",
+        "datacontenttype": "application/json",
+        "subject": "task-article-555",
+        "data": {
+            "status": "SUCCESS",
+            "output": {"article": article, "word_count": 2047, "quality_score": 8.5},
+            "execution_time_ms": 12450,
+            "metrics": {"model": "gpt-4", "tokens_used": 3500, "estimated_cost_usd": 0.105}
+        }
+    }))
+    .unwrap()
+}
+
 fn non_json() -> Vec<u8> {
     (0..256u32).map(|i| (i * 7 % 251) as u8).collect()
 }
@@ -240,7 +292,15 @@ fn bench(c: &mut Criterion) {
     let sampled = provider(true, STOCK_QUEUE);
     let unsampled = provider(false, STOCK_QUEUE);
     let chains = chains(&sampled, &unsampled);
-    let bodies: [(&str, Vec<u8>); 2] = [("cloudevent", COMMAND.to_vec()), ("non_json", non_json())];
+    let bodies: [(&str, Vec<u8>); 3] = [
+        ("cloudevent", COMMAND.to_vec()),
+        ("non_json", non_json()),
+        ("result_article", result_article()),
+    ];
+    // The long RESULT only through the empty and the full chains.
+    let with_body = |chain: &str, body: &str| {
+        body != "result_article" || matches!(chain, "empty" | "full_sampled" | "full_unsampled")
+    };
 
     // A caller span to publish in, as an orchestrator task would.
     let task = sampled.tracer("bench").start("execute_task");
@@ -263,7 +323,7 @@ fn bench(c: &mut Criterion) {
 
     let mut publish = c.benchmark_group("publish");
     for (body_name, body) in &bodies {
-        for (name, chain) in &chains {
+        for (name, chain) in chains.iter().filter(|(n, _)| with_body(n, body_name)) {
             publish.bench_with_input(BenchmarkId::new(*name, body_name), body, |b, body| {
                 let _guard = task_cx.clone().attach();
                 b.iter(|| {
@@ -285,7 +345,7 @@ fn bench(c: &mut Criterion) {
     let mut consume = c.benchmark_group("consume");
     for (body_name, body) in &bodies {
         let delivery = traced_delivery(body);
-        for (name, chain) in &chains {
+        for (name, chain) in chains.iter().filter(|(n, _)| with_body(n, body_name)) {
             consume.bench_function(BenchmarkId::new(*name, body_name), |b| {
                 b.iter(|| {
                     let mut state = chain.start_delivery(&delivery, "agent.writer", false);
@@ -345,10 +405,10 @@ fn profile(case: &str) {
     let [side, chain_name, body_name] = parts[..] else {
         panic!("MINDBUS_PROFILE=side/chain/body, e.g. consume/full_sampled/cloudevent");
     };
-    let body = if body_name == "cloudevent" {
-        COMMAND.to_vec()
-    } else {
-        non_json()
+    let body = match body_name {
+        "cloudevent" => COMMAND.to_vec(),
+        "result_article" => result_article(),
+        _ => non_json(),
     };
     if side == "envelope" {
         for _ in 0..n {
