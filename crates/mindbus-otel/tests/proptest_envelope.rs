@@ -259,7 +259,10 @@ proptest! {
     /// field, kind from the routing key.
     #[test]
     fn other_json_values_are_not_objects(rk in routing_key(), v in value()) {
-        prop_assume!(!v.is_object());
+        // An object (about half of the generated values) goes in an array:
+        // rejecting it would abort long runs (`PROPTEST_CASES`) on
+        // proptest's limit of rejects.
+        let v = if v.is_object() { Value::Array(vec![v]) } else { v };
         let body = serde_json::to_vec(&v).expect("serialisable");
         let got = read(&rk, &body);
         prop_assert_eq!(got.format, BodyFormat::NotJson);
