@@ -8,7 +8,10 @@
 //! [`Envelope`]: reading a field afterwards is a slice of that buffer, with
 //! no second validation. Everything else in the body is skipped
 //! structurally (brackets, strings, literals) without being materialised or
-//! UTF-8-validated. A body that is not JSON, JSON that is not an object,
+//! UTF-8-validated; a long string (the article in a writer's RESULT, many
+//! KiB) is searched for its end with vector instructions (`memchr2`), so
+//! its cost per byte is a fraction of the word-at-a-time search that suits
+//! short keys and ids. A body that is not JSON, JSON that is not an object,
 //! or fields of unexpected types never make the reader fail: the fields it
 //! could not read are simply absent, and the kind falls back to the routing
 //! key prefix (`cmd.`, `evt.`, `ctl.`).
@@ -512,14 +515,27 @@ struct RawStr {
     escaped: bool,
 }
 
+/// Payloads up to this size are validated as UTF-8 in one pass (cheaper
+/// than validating their kept strings one by one); longer ones only in
+/// their kept strings, whatever their size.
+const VALIDATED_WHOLE: usize = 1024;
+
+/// How many eight-byte words of a string are searched word by word before
+/// it counts as long (see [`Scanner::string`]): ids and names (a UUID is 36
+/// bytes) stay on the word path, whose start costs less than a `memchr2`
+/// call.
+const LONG_STRING_WORDS: u32 = 6;
+
 /// A single-pass JSON scanner over the payload. Every method returns `None`
 /// on malformed input; nothing here can panic or recurse without bound
 /// (skipped containers are tracked on an explicit stack, and the wanted
 /// objects are at most three levels deep).
 struct Scanner<'a> {
     b: &'a [u8],
-    /// The whole payload as text, when it is valid UTF-8 (the common
-    /// case): kept strings are then sliced from it, not validated one by one.
+    /// The whole payload as text, when it is short and valid UTF-8 (the
+    /// common case): kept strings are then sliced from it, not validated
+    /// one by one. A long payload (an LLM output, say) is not validated
+    /// whole: only its few kept strings are.
     utf8: Option<&'a str>,
     i: usize,
     /// The kept strings, back to back (becomes [`Envelope::text`]).
@@ -534,7 +550,11 @@ impl<'a> Scanner<'a> {
     fn new(b: &'a [u8]) -> Self {
         Scanner {
             b,
-            utf8: std::str::from_utf8(b).ok(),
+            utf8: if b.len() <= VALIDATED_WHOLE {
+                std::str::from_utf8(b).ok()
+            } else {
+                None
+            },
             i: 0,
             text: String::new(),
         }
@@ -702,19 +722,43 @@ impl<'a> Scanner<'a> {
         let mut i = start;
         let mut escaped = false;
         loop {
-            // Eight bytes at a time while there are eight, then bytewise.
-            while let Some(w) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
-                let hits = special_bytes(u64::from_le_bytes(*w));
-                if hits != 0 {
-                    i += (hits.trailing_zeros() / 8) as usize;
-                    break;
+            // The next special byte. Short runs (keys, ids, names, the text
+            // between two close escapes): eight bytes at a time, the kind of
+            // byte read from the word already loaded. Past
+            // `LONG_STRING_WORDS` words the run is long (an LLM output, say):
+            // `memchr2` finds the next quote or backslash with the CPU's
+            // vector instructions, and one more vectorised pass proves the
+            // bytes before it hold no control character.
+            let mut words = 0;
+            let c = loop {
+                if words == LONG_STRING_WORDS {
+                    let rest = b.get(i..)?;
+                    let at = memchr::memchr2(b'"', b'\\', rest)?;
+                    if has_control(&rest[..at]) {
+                        return None;
+                    }
+                    i += at;
+                    break rest[at];
                 }
-                i += 8;
-            }
-            while !is_special(*b.get(i)?) {
-                i += 1;
-            }
-            match b[i] {
+                if let Some(w) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+                    let v = u64::from_le_bytes(*w);
+                    let hits = special_bytes(v);
+                    if hits != 0 {
+                        let bit = hits.trailing_zeros();
+                        i += (bit / 8) as usize;
+                        break (v >> (bit & !7)) as u8;
+                    }
+                    i += 8;
+                    words += 1;
+                } else {
+                    let c = *b.get(i)?;
+                    if is_special(c) {
+                        break c;
+                    }
+                    i += 1;
+                }
+            };
+            match c {
                 b'"' => {
                     self.i = i + 1;
                     return Some(RawStr {
@@ -893,20 +937,25 @@ fn is_special(c: u8) -> bool {
     c == b'"' || c == b'\\' || c < 0x20
 }
 
-/// The special bytes of eight (little-endian) as flags: the lowest flagged
-/// byte is the first special one.
+/// True when `bytes` hold a control character (below 0x20), which a JSON
+/// string may not hold raw. A minimum over all bytes, without an early
+/// exit, so that it compiles to vector instructions.
+fn has_control(bytes: &[u8]) -> bool {
+    bytes.iter().fold(u8::MAX, |m, &c| m.min(c)) < 0x20
+}
+
+/// The special bytes of eight (little-endian) as flags (the high bit of
+/// each byte): the lowest flagged byte is the first special one.
 fn special_bytes(v: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    // A byte is zero in x ^ pattern where it equals the pattern byte;
-    // (x - ONES) & !x & HIGH flags zero bytes (and bytes < 0x20 for the
-    // control test, with x = v itself shifted down by 0x20). Borrows only
+    // (x - n * ONES) & !x & HIGH flags the bytes of x below n (n <= 0x80).
+    // Flipping bit 1 maps the quote (0x22) to 0x20 and keeps the control
+    // characters below 0x20 (the space, 0x20, becomes 0x22): one test for
+    // both. The backslash is the zero byte of v ^ its pattern. Borrows only
     // run upwards, so the lowest flag is always a true hit.
-    let quote = v ^ (ONES * u64::from(b'"'));
-    let slash = v ^ (ONES * u64::from(b'\\'));
-    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-    let control = v.wrapping_sub(ONES * 0x20) & !v & HIGH;
-    zero(quote) | zero(slash) | control
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    below(v ^ (ONES * 0x02), 0x21) | below(v ^ (ONES * u64::from(b'\\')), 1)
 }
 
 /// The offset of the first special byte (see [`is_special`]), if any.
@@ -1143,6 +1192,78 @@ mod tests {
             Envelope::read("evt.a", unbalanced.as_bytes()).format(),
             BodyFormat::NotJson
         );
+    }
+
+    /// Strings short and long (the word path and the `memchr2` path, and
+    /// the switch between them), with an escape, a raw control character or
+    /// a bad escape at every offset, kept (`subject`) and skipped, in
+    /// payloads validated whole and in longer ones (whose kept strings are
+    /// validated one by one): the reader agrees with `serde_json` on
+    /// validity and on the value.
+    #[test]
+    fn strings_of_every_length_agree_with_serde_json() {
+        let specials: [&str; 8] = [
+            "\\\"", "\\n", "\\u00e9", "\\\\", "\u{1}", "\n", "\\x", "\u{e9}",
+        ];
+        let filler = |n: usize| -> String {
+            (0..n)
+                .map(|i| if i % 11 == 10 { ' ' } else { 'a' })
+                .collect()
+        };
+        let long = filler(VALIDATED_WHOLE);
+        for len in 0..(LONG_STRING_WORDS as usize * 8 * 3) {
+            for at in 0..=len {
+                for (special, pad) in specials.iter().flat_map(|s| [(s, ""), (s, &*long)]) {
+                    let content = format!("{}{special}{}", filler(at), filler(len - at));
+                    for body in [
+                        format!(
+                            r#"{{"specversion":"1.0","type":"ai.team.event","subject":"{content}","pad":"{pad}","data":{{"action":"a"}}}}"#
+                        ),
+                        format!(
+                            r#"{{"specversion":"1.0","type":"ai.team.event","skipped":"{content}","pad":"{pad}","data":{{"action":"a"}}}}"#
+                        ),
+                    ] {
+                        let env = Envelope::read("evt.a", body.as_bytes());
+                        let v = env.view();
+                        match serde_json::from_str::<serde_json::Value>(&body) {
+                            Ok(doc) => {
+                                assert_eq!(v.format(), BodyFormat::CloudEvent, "{body}");
+                                assert_eq!(v.subject(), doc["subject"].as_str(), "{body}");
+                                assert_eq!(v.action(), Some("a"), "{body}");
+                            }
+                            Err(_) => assert_eq!(v.format(), BodyFormat::NotJson, "{body}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// In a payload too long to be validated whole, a kept string that is
+    /// not UTF-8 reads as absent and one elsewhere in the body is skipped,
+    /// as in a short payload.
+    #[test]
+    fn long_payloads_validate_only_their_kept_strings() {
+        let long = "x".repeat(VALIDATED_WHOLE);
+        for (subject, skipped, expected) in [
+            (&b"task-\xff"[..], &b"ok"[..], None),
+            (b"task-1", b"bad-\xff", Some("task-1")),
+        ] {
+            for pad in ["", &long] {
+                let mut body =
+                    br#"{"specversion":"1.0","type":"ai.team.event","subject":""#.to_vec();
+                body.extend_from_slice(subject);
+                body.extend_from_slice(br#"","other":""#);
+                body.extend_from_slice(skipped);
+                body.extend_from_slice(format!(r#"","pad":"{pad}","source":"a.1"}}"#).as_bytes());
+                assert_eq!(body.len() > VALIDATED_WHOLE, !pad.is_empty());
+                let env = Envelope::read("evt.a", &body);
+                let v = env.view();
+                assert_eq!(v.format(), BodyFormat::CloudEvent);
+                assert_eq!(v.source(), Some("a.1"));
+                assert_eq!(v.subject(), expected);
+            }
+        }
     }
 
     #[test]
