@@ -70,32 +70,59 @@ const STOCK_QUEUE: usize = 2048;
 const COMMAND: &[u8] = br#"{"specversion":"1.0","type":"ai.team.command","source":"orchestrator-core","id":"5b0f6c1e-7c35-4c1d-9f0e-3f1d2b6a9a01","time":"2026-11-27T12:00:00Z","datacontenttype":"application/json","subject":"task-article-555","data":{"action":"generate_article","params":{"topic":"AI trends","length":2000},"context":{"process_id":"blog-001","step":"draft"},"timeout_seconds":300}}"#;
 
 /// A RESULT as a writer agent sends it: the protocol's fixture with a
-/// 2,047-word article in `data.output` (about 13 KiB, with paragraph breaks,
-/// quotes and a few non-ASCII characters, which JSON escapes or carries as
-/// UTF-8), the size of a real LLM output. Only a few short fields of it are
-/// read; the article is skipped.
-fn result_article() -> Vec<u8> {
-    let words = [
-        "the",
-        "landscape",
-        "of",
-        "AI",
-        "is",
-        "changing",
-        "fast;",
-        "models",
-        "now",
-        "write",
-        "\"draft\"",
-        "articles",
-        "\u{2014}",
-        "and",
-        "critics",
-        "review",
-        "them,",
-        "café",
-        "agents",
-    ];
+/// 2,047-word article in `data.output`, the size of a real LLM output, with
+/// paragraph breaks and quotes. Only a few short fields of it are read; the
+/// article is skipped.
+///
+/// `english`: about 13 KiB, its few non-ASCII characters as UTF-8 (as
+/// serde_json and most JSON writers put them). Otherwise a Russian article
+/// as the reference Python client sends it: `json.dumps` escapes every
+/// non-ASCII character (`\u0430`), so the body is about 80 KiB and mostly
+/// escapes.
+fn result_article(english: bool) -> Vec<u8> {
+    let words: &[&str] = if english {
+        &[
+            "the",
+            "landscape",
+            "of",
+            "AI",
+            "is",
+            "changing",
+            "fast;",
+            "models",
+            "now",
+            "write",
+            "\"draft\"",
+            "articles",
+            "\u{2014}",
+            "and",
+            "critics",
+            "review",
+            "them,",
+            "café",
+            "agents",
+        ]
+    } else {
+        &[
+            "ландшафт",
+            "ИИ",
+            "быстро",
+            "меняется;",
+            "модели",
+            "теперь",
+            "пишут",
+            "\"черновики\"",
+            "статей",
+            "\u{2014}",
+            "а",
+            "критики",
+            "их",
+            "проверяют,",
+            "агенты",
+            "и",
+            "люди",
+        ]
+    };
     let mut article = String::new();
     for i in 0..2047 {
         if i > 0 {
@@ -103,7 +130,7 @@ fn result_article() -> Vec<u8> {
         }
         article.push_str(words[(i * 7 + i / 13) % words.len()]);
     }
-    serde_json::to_vec(&serde_json::json!({
+    let json = serde_json::to_string(&serde_json::json!({
         "specversion": "1.0",
         "type": "ai.team.result",
         "source": "agent.writer.001",
@@ -118,7 +145,21 @@ fn result_article() -> Vec<u8> {
             "metrics": {"model": "gpt-4", "tokens_used": 3500, "estimated_cost_usd": 0.105}
         }
     }))
-    .unwrap()
+    .unwrap();
+    if english {
+        return json.into_bytes();
+    }
+    // Python's `ensure_ascii`: every other character as `\uXXXX` (all of
+    // these are in the Basic Multilingual Plane).
+    let mut escaped = String::with_capacity(json.len() * 3);
+    for c in json.chars() {
+        if c.is_ascii() {
+            escaped.push(c);
+        } else {
+            escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
+        }
+    }
+    escaped.into_bytes()
 }
 
 fn non_json() -> Vec<u8> {
@@ -292,14 +333,16 @@ fn bench(c: &mut Criterion) {
     let sampled = provider(true, STOCK_QUEUE);
     let unsampled = provider(false, STOCK_QUEUE);
     let chains = chains(&sampled, &unsampled);
-    let bodies: [(&str, Vec<u8>); 3] = [
+    let bodies: [(&str, Vec<u8>); 4] = [
         ("cloudevent", COMMAND.to_vec()),
         ("non_json", non_json()),
-        ("result_article", result_article()),
+        ("result_article", result_article(true)),
+        ("result_article_ru", result_article(false)),
     ];
-    // The long RESULT only through the empty and the full chains.
+    // The long RESULTs only through the empty and the full chains.
     let with_body = |chain: &str, body: &str| {
-        body != "result_article" || matches!(chain, "empty" | "full_sampled" | "full_unsampled")
+        !body.starts_with("result_article")
+            || matches!(chain, "empty" | "full_sampled" | "full_unsampled")
     };
 
     // A caller span to publish in, as an orchestrator task would.
@@ -407,7 +450,8 @@ fn profile(case: &str) {
     };
     let body = match body_name {
         "cloudevent" => COMMAND.to_vec(),
-        "result_article" => result_article(),
+        "result_article" => result_article(true),
+        "result_article_ru" => result_article(false),
         _ => non_json(),
     };
     if side == "envelope" {
