@@ -769,16 +769,40 @@ impl<'a> Scanner<'a> {
                 }
                 b'\\' => {
                     escaped = true;
-                    match b.get(i + 1)? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
-                        b'u' => {
-                            let hex = b.get(i + 2..i + 6)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return None;
+                    // A run of escapes is walked here, with no search
+                    // between them: text in a non-Latin script from a writer
+                    // that escapes every non-ASCII character (Python's
+                    // `json.dumps` does by default) is mostly `\uXXXX`.
+                    loop {
+                        // `\uXXXX` and whether another escape follows, from
+                        // one eight-byte word.
+                        if let Some(w) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+                            let v = u64::from_le_bytes(*w);
+                            if v & 0xffff == u64::from(u16::from_le_bytes(*b"\\u")) {
+                                if !is_hex4((v >> 16) as u32) {
+                                    return None;
+                                }
+                                i += 6;
+                                if (v >> 48) as u8 == b'\\' {
+                                    continue;
+                                }
+                                break;
                             }
-                            i += 6;
                         }
-                        _ => return None,
+                        match b.get(i + 1)? {
+                            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                            b'u' => {
+                                let hex = b.get(i + 2..i + 6)?.first_chunk::<4>()?;
+                                if !is_hex4(u32::from_le_bytes(*hex)) {
+                                    return None;
+                                }
+                                i += 6;
+                            }
+                            _ => return None,
+                        }
+                        if b.get(i) != Some(&b'\\') {
+                            break;
+                        }
                     }
                 }
                 _ => return None, // raw control character
@@ -935,6 +959,24 @@ impl Containers {
 /// control characters.
 fn is_special(c: u8) -> bool {
     c == b'"' || c == b'\\' || c < 0x20
+}
+
+/// True when the four bytes of `x` (little-endian) are hexadecimal digits
+/// (of a `\uXXXX` escape), tested together: each byte is ASCII, and either within
+/// `0`..=`9` or, with its case bit set, within `a`..=`f`. For ASCII bytes
+/// the sums below stay within each byte (no carry into the next), and the
+/// high bit of `x + (0x80 - n)` says `x >= n`.
+fn is_hex4(x: u32) -> bool {
+    const ONES: u32 = 0x0101_0101;
+    const HIGH: u32 = 0x8080_8080;
+    if x & HIGH != 0 {
+        return false;
+    }
+    let at_least = |x: u32, n: u32| x + ONES * (0x80 - n);
+    let digit = at_least(x, 0x30) & !at_least(x, 0x3a);
+    let lower = x | (ONES * 0x20);
+    let letter = at_least(lower, 0x61) & !at_least(lower, 0x67);
+    (digit | letter) & HIGH == HIGH
 }
 
 /// True when `bytes` hold a control character (below 0x20), which a JSON
@@ -1202,8 +1244,22 @@ mod tests {
     /// validity and on the value.
     #[test]
     fn strings_of_every_length_agree_with_serde_json() {
-        let specials: [&str; 8] = [
-            "\\\"", "\\n", "\\u00e9", "\\\\", "\u{1}", "\n", "\\x", "\u{e9}",
+        let specials: [&str; 14] = [
+            "\\\"",
+            "\\n",
+            "\\u00e9",
+            "\\\\",
+            "\u{1}",
+            "\n",
+            "\\x",
+            "\u{e9}",
+            // Runs of escapes, and bad `\u` escapes.
+            "\\u00e9\\u00E8\\u0430",
+            "\\u00e9\\n\\u00e9",
+            "\\n\\u00e9",
+            "\\u00g9",
+            "\\u00e\\u00e9",
+            "\\u\u{e9}00",
         ];
         let filler = |n: usize| -> String {
             (0..n)
@@ -1211,7 +1267,16 @@ mod tests {
                 .collect()
         };
         let long = filler(VALIDATED_WHOLE);
-        for len in 0..(LONG_STRING_WORDS as usize * 8 * 3) {
+        // Every short length, then around each word boundary and the switch
+        // to `memchr2` (after `LONG_STRING_WORDS` words), and one long.
+        let switch = LONG_STRING_WORDS as usize * 8;
+        let lengths = (0..=24).chain(
+            [31, 32, 33, 39, 40, 41]
+                .into_iter()
+                .chain([switch - 1, switch, switch + 1, switch + 7, switch + 8])
+                .chain([2 * switch + 1, 3 * switch]),
+        );
+        for len in lengths {
             for at in 0..=len {
                 for (special, pad) in specials.iter().flat_map(|s| [(s, ""), (s, &*long)]) {
                     let content = format!("{}{special}{}", filler(at), filler(len - at));
@@ -1221,6 +1286,10 @@ mod tests {
                         ),
                         format!(
                             r#"{{"specversion":"1.0","type":"ai.team.event","skipped":"{content}","pad":"{pad}","data":{{"action":"a"}}}}"#
+                        ),
+                        // Last in the body: escapes within its last eight bytes.
+                        format!(
+                            r#"{{"specversion":"1.0","type":"ai.team.event","pad":"{pad}","data":{{"action":"a"}},"subject":"{content}"}}"#
                         ),
                     ] {
                         let env = Envelope::read("evt.a", body.as_bytes());
@@ -1262,6 +1331,20 @@ mod tests {
                 assert_eq!(v.format(), BodyFormat::CloudEvent);
                 assert_eq!(v.source(), Some("a.1"));
                 assert_eq!(v.subject(), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn hex4_matches_a_bytewise_test() {
+        for at in 0..4 {
+            for c in 0..=255u8 {
+                for filler in [b'0', b'9', b'a', b'F'] {
+                    let mut h = [filler; 4];
+                    h[at] = c;
+                    let expected = h.iter().all(u8::is_ascii_hexdigit);
+                    assert_eq!(is_hex4(u32::from_le_bytes(h)), expected, "{h:?}");
+                }
             }
         }
     }
