@@ -74,10 +74,10 @@ const COMMAND: &[u8] = br#"{"specversion":"1.0","type":"ai.team.command","source
 /// paragraph breaks and quotes. Only a few short fields of it are read; the
 /// article is skipped.
 ///
-/// `english`: about 13 KiB, its few non-ASCII characters as UTF-8 (as
+/// `english`: 12,958 bytes, its few non-ASCII characters as UTF-8 (as
 /// serde_json and most JSON writers put them). Otherwise a Russian article
 /// as the reference Python client sends it: `json.dumps` escapes every
-/// non-ASCII character (`\u0430`), so the body is about 80 KiB and mostly
+/// non-ASCII character (`\u0430`), so the body is 65,925 bytes, mostly
 /// escapes.
 fn result_article(english: bool) -> Vec<u8> {
     let words: &[&str] = if english {
