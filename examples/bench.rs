@@ -481,6 +481,144 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The median, smallest and largest of a set of values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Spread {
+        let mut sorted = values.to_vec();
+        let median = median(&mut sorted);
+        Spread {
+            median,
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            max: sorted.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// A variant against a baseline, round by round. The variants of one round
+/// run back to back, so the machine's drift between rounds (the broker's
+/// state, other load on the two cores) cancels out of each pair; what is
+/// left in the spread of the pairs is the noise of one measurement.
+#[derive(Debug, PartialEq)]
+struct Paired {
+    /// msg/s of the variant / msg/s of the baseline, per round.
+    ratio: Spread,
+    /// Client CPU µs per message of the variant minus the baseline's.
+    added_cpu: Spread,
+    rounds: usize,
+}
+
+fn paired(variant: &[Sample], base: &[Sample]) -> Option<Paired> {
+    let rounds = variant.len().min(base.len());
+    if rounds == 0 {
+        return None;
+    }
+    let pairs = variant.iter().zip(base);
+    let ratios: Vec<f64> = pairs.clone().map(|(v, b)| v.rate / b.rate).collect();
+    let added: Vec<f64> = pairs.map(|(v, b)| v.cpu_us - b.cpu_us).collect();
+    Some(Paired {
+        ratio: Spread::of(&ratios),
+        added_cpu: Spread::of(&added),
+        rounds,
+    })
+}
+
+/// Where a goal stands against the per-round values. With n rounds the
+/// true median of a pair lies between the smallest and the largest pair
+/// with probability 1 - 2 * 0.5^n (94% for 5 rounds), so a goal on one side
+/// of every round is decided, and one inside the range is not.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Met,
+    NotMet,
+    WithinNoise,
+}
+
+impl Verdict {
+    /// `at_least`: the goal is a lower bound (a ratio), else an upper bound
+    /// (added CPU).
+    fn of(spread: Spread, goal: f64, at_least: bool) -> Verdict {
+        let (worst, best) = if at_least {
+            (spread.min, spread.max)
+        } else {
+            (-spread.max, -spread.min)
+        };
+        let goal = if at_least { goal } else { -goal };
+        if worst >= goal {
+            Verdict::Met
+        } else if best < goal {
+            Verdict::NotMet
+        } else {
+            Verdict::WithinNoise
+        }
+    }
+
+    fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Met => "met in every round",
+            Verdict::NotMet => "NOT met in any round",
+            Verdict::WithinNoise => "undecided (the goal lies within the rounds' spread)",
+        }
+    }
+}
+
+/// Issue 6's goals for a variant: (throughput ratio to raw+headers at
+/// least, added client CPU µs per message at most).
+fn goals(kind: Kind) -> (Option<f64>, Option<f64>) {
+    match kind {
+        Kind::Traced => (Some(0.97), Some(1.5)),
+        Kind::TracedUnsampled => (None, Some(0.3)),
+        Kind::TracedCollectorDown => (Some(0.95), None),
+        Kind::Raw | Kind::RawHeaders => (None, None),
+    }
+}
+
+/// The per-round comparison of a traced variant with raw+headers (else
+/// raw), with its goals' verdicts.
+fn paired_line(
+    kind: Kind,
+    mode_results: &[Vec<Sample>],
+    vi: usize,
+    raw: Option<usize>,
+    raw_headers: Option<usize>,
+) -> Option<String> {
+    let (ratio_goal, cpu_goal) = goals(kind);
+    if ratio_goal.is_none() && cpu_goal.is_none() {
+        return None;
+    }
+    let (b, name) = match (raw_headers, raw) {
+        (Some(b), _) => (b, "raw+headers"),
+        (None, Some(b)) => (b, "raw"),
+        (None, None) => return None,
+    };
+    let p = paired(&mode_results[vi], &mode_results[b])?;
+    let mut line = format!(
+        "    per round vs {name} ({} rounds, median [min, max]): x{:.2} [{:.2}, {:.2}], {:+.2} [{:+.2}, {:+.2}] us/msg",
+        p.rounds,
+        p.ratio.median,
+        p.ratio.min,
+        p.ratio.max,
+        p.added_cpu.median,
+        p.added_cpu.min,
+        p.added_cpu.max
+    );
+    if let Some(goal) = ratio_goal {
+        let verdict = Verdict::of(p.ratio, goal, true);
+        let _ = write!(line, "; goal >= x{goal:.2}: {}", verdict.as_str());
+    }
+    if let Some(goal) = cpu_goal {
+        let verdict = Verdict::of(p.added_cpu, goal, false);
+        let _ = write!(line, "; goal <= +{goal} us/msg: {}", verdict.as_str());
+    }
+    Some(line)
+}
+
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -1413,6 +1551,9 @@ async fn matrix(ctx: &Ctx, prometheus: &metrics_exporter_prometheus::PrometheusH
                 }
             }
             println!("{line}");
+            if let Some(text) = paired_line(v.kind, &results[mi], vi, raw, raw_headers) {
+                println!("{text}");
+            }
             if o.verbose {
                 let samples = &results[mi][vi];
                 let rates: Vec<String> = samples.iter().map(|s| format!("{:.0}", s.rate)).collect();
@@ -1933,4 +2074,63 @@ async fn rate_test(ctx: &Ctx, rate: f64) -> Res<()> {
         receiver.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rate: f64, cpu_us: f64) -> Sample {
+        Sample {
+            rate,
+            cpu_us,
+            stat_us: cpu_us,
+            cpu_ns_total: 0.0,
+            stat_ns_total: 0.0,
+        }
+    }
+
+    #[test]
+    fn rounds_are_paired_not_pooled() {
+        // The machine slows down from round to round; the variant is 10%
+        // slower than the baseline in each round. Medians of each side
+        // would give 90/100 = 0.9 here too, but the pairs' spread is what
+        // shows the difference is real: every round says 0.9.
+        let base = [100.0, 80.0, 60.0].map(|r| sample(r, 10.0));
+        let variant = [90.0, 72.0, 54.0].map(|r| sample(r, 12.0));
+        let p = paired(&variant, &base).expect("rounds");
+        assert_eq!(p.rounds, 3);
+        assert!((p.ratio.median - 0.9).abs() < 1e-9);
+        assert!((p.ratio.min - 0.9).abs() < 1e-9 && (p.ratio.max - 0.9).abs() < 1e-9);
+        assert!((p.added_cpu.median - 2.0).abs() < 1e-9);
+        assert_eq!(Verdict::of(p.ratio, 0.97, true), Verdict::NotMet);
+        assert_eq!(Verdict::of(p.ratio, 0.85, true), Verdict::Met);
+        assert_eq!(Verdict::of(p.added_cpu, 1.5, false), Verdict::NotMet);
+        assert_eq!(Verdict::of(p.added_cpu, 2.5, false), Verdict::Met);
+    }
+
+    #[test]
+    fn a_goal_inside_the_spread_is_undecided() {
+        let base = [100.0, 100.0, 100.0, 100.0].map(|r| sample(r, 10.0));
+        let variant = [sample(92.0, 11.0), sample(99.0, 10.2), sample(101.0, 9.9), sample(95.0, 10.5)];
+        let p = paired(&variant, &base).expect("rounds");
+        assert!((p.ratio.median - 0.97).abs() < 1e-9);
+        assert_eq!((p.ratio.min, p.ratio.max), (0.92, 1.01));
+        assert_eq!(Verdict::of(p.ratio, 0.97, true), Verdict::WithinNoise);
+        assert_eq!(Verdict::of(p.added_cpu, 0.3, false), Verdict::WithinNoise);
+        assert_eq!(Verdict::of(p.added_cpu, 1.0, false), Verdict::Met);
+        assert_eq!(Verdict::of(p.added_cpu, -0.2, false), Verdict::NotMet);
+    }
+
+    #[test]
+    fn no_rounds_no_comparison() {
+        assert_eq!(paired(&[], &[sample(1.0, 1.0)]), None);
+        let results = vec![vec![sample(100.0, 1.0)], vec![sample(90.0, 2.0)]];
+        // raw and raw+headers have no goals of their own.
+        assert_eq!(paired_line(Kind::RawHeaders, &results, 1, Some(0), None), None);
+        let line = paired_line(Kind::Traced, &results, 1, Some(0), None).expect("a line");
+        assert!(line.contains("vs raw (1 rounds"), "{line}");
+        assert!(line.contains("x0.90 [0.90, 0.90]"), "{line}");
+        assert!(line.contains("goal >= x0.97: NOT met in any round"), "{line}");
+    }
 }
