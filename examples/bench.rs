@@ -2112,7 +2112,12 @@ mod tests {
     #[test]
     fn a_goal_inside_the_spread_is_undecided() {
         let base = [100.0, 100.0, 100.0, 100.0].map(|r| sample(r, 10.0));
-        let variant = [sample(92.0, 11.0), sample(99.0, 10.2), sample(101.0, 9.9), sample(95.0, 10.5)];
+        let variant = [
+            sample(92.0, 11.0),
+            sample(99.0, 10.2),
+            sample(101.0, 9.9),
+            sample(95.0, 10.5),
+        ];
         let p = paired(&variant, &base).expect("rounds");
         assert!((p.ratio.median - 0.97).abs() < 1e-9);
         assert_eq!((p.ratio.min, p.ratio.max), (0.92, 1.01));
@@ -2127,10 +2132,16 @@ mod tests {
         assert_eq!(paired(&[], &[sample(1.0, 1.0)]), None);
         let results = vec![vec![sample(100.0, 1.0)], vec![sample(90.0, 2.0)]];
         // raw and raw+headers have no goals of their own.
-        assert_eq!(paired_line(Kind::RawHeaders, &results, 1, Some(0), None), None);
+        assert_eq!(
+            paired_line(Kind::RawHeaders, &results, 1, Some(0), None),
+            None
+        );
         let line = paired_line(Kind::Traced, &results, 1, Some(0), None).expect("a line");
         assert!(line.contains("vs raw (1 rounds"), "{line}");
         assert!(line.contains("x0.90 [0.90, 0.90]"), "{line}");
-        assert!(line.contains("goal >= x0.97: NOT met in any round"), "{line}");
+        assert!(
+            line.contains("goal >= x0.97: NOT met in any round"),
+            "{line}"
+        );
     }
 }

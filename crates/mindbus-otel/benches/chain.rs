@@ -328,8 +328,34 @@ fn handwritten_consume(tracer: &SdkTracer, delivery: &Delivery) {
     span.end();
 }
 
+/// Installs the Prometheus recorder with its upkeep running as
+/// `mindbus-telemetry` runs it: histogram samples pile up in the recorder
+/// until upkeep drains them, so without it every histogram record of a
+/// long run lands in fresh memory (page faults charged to the chain), which
+/// no application sees. `MINDBUS_BENCH_UPKEEP_MS` sets the period (default
+/// the bootstrap's 5 s; 0 = no upkeep, to see the difference).
+fn install_recorder() {
+    let Ok(handle) = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
+    else {
+        return;
+    };
+    let period: u64 = std::env::var("MINDBUS_BENCH_UPKEEP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    if period == 0 {
+        return;
+    }
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(period));
+            handle.run_upkeep();
+        }
+    });
+}
+
 fn bench(c: &mut Criterion) {
-    let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    install_recorder();
     let sampled = provider(true, STOCK_QUEUE);
     let unsampled = provider(false, STOCK_QUEUE);
     let chains = chains(&sampled, &unsampled);
@@ -464,7 +490,7 @@ fn profile(case: &str) {
         }
         return;
     }
-    let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    install_recorder();
     // Room for every span: under valgrind the batch thread barely runs, and
     // with the stock queue most spans would be dropped on this thread
     // instead of queued, which is not what is being profiled.
