@@ -60,7 +60,7 @@
 use crate::clock;
 use crate::envelope::{EnvelopeRef, MessageKind};
 use crate::interceptor::Interceptor;
-use crate::labels::{FastMap, PreHashedMap};
+use crate::labels::{PreHashedMap, ReadMostly};
 use crate::message::{
     Direction, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
     PublishResult, Settlement,
@@ -75,10 +75,11 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use std::borrow::Cow;
+use std::convert::Infallible;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// Default bound of the in-flight COMMAND table.
@@ -623,14 +624,15 @@ impl Op {
 /// Past [`MAX_CACHED_NAMES`] entries (all kinds together, at most 256 bytes
 /// of value each: a misuse) values are built per span instead of growing
 /// the cache.
+///
+/// Lookups of cached entries take no lock (see `ReadMostly`): each map's
+/// table has [`NAME_SLOTS`] slots, of which half are filled before entries
+/// spill into its locked overflow map.
 struct NameCache {
-    names: [RwLock<NameMap>; 3],
-    values: RwLock<FastMap<&'static str, ()>>,
+    names: [ReadMostly<&'static str, &'static str>; 3],
+    values: ReadMostly<&'static str, ()>,
     cached: AtomicUsize,
 }
-
-/// Destination (also its attribute value) -> span name.
-type NameMap = FastMap<&'static str, &'static str>;
 
 fn leak(s: &str) -> &'static str {
     Box::leak(Box::from(s))
@@ -639,17 +641,22 @@ fn leak(s: &str) -> &'static str {
 /// Bound of the span-name cache (all operations together).
 pub const MAX_CACHED_NAMES: usize = 1024;
 
+/// Table slots of each of the span-name cache's four maps (48 bytes a
+/// slot for names, 32 for values on 64-bit targets: 44 KiB together).
+pub const NAME_SLOTS: usize = 256;
+
 impl NameCache {
     fn new() -> Self {
         NameCache {
-            names: Default::default(),
-            values: RwLock::new(FastMap::default()),
+            names: std::array::from_fn(|_| ReadMostly::with_slots(NAME_SLOTS)),
+            values: ReadMostly::with_slots(NAME_SLOTS),
             cached: AtomicUsize::new(0),
         }
     }
 
     /// The span name for `op` on `destination`, the destination as an
     /// attribute value, and whether it is temporary.
+    #[inline]
     fn get(&self, op: Op, destination: &str) -> (Cow<'static, str>, Value, bool) {
         if is_temporary_queue(destination) {
             return (
@@ -661,50 +668,64 @@ impl NameCache {
         if destination.is_empty() {
             return (Cow::Borrowed(op.default_name()), Value::from(""), false);
         }
+        match self.names[op.index()].get(destination) {
+            Some((value, name)) => (Cow::Borrowed(*name), Value::from(*value), false),
+            None => self.get_slow(op, destination),
+        }
+    }
+
+    /// [`Self::get`] past a miss in the lock-free table.
+    #[cold]
+    #[inline(never)]
+    fn get_slow(&self, op: Op, destination: &str) -> (Cow<'static, str>, Value, bool) {
         let map = &self.names[op.index()];
-        if let Ok(m) = map.read()
-            && let Some((value, name)) = m.get_key_value(destination)
-        {
-            return (Cow::Borrowed(*name), Value::from(*value), false);
+        let cached = |value: &&'static str, name: &&'static str| {
+            (Cow::Borrowed(*name), Value::from(*value), false)
+        };
+        if let Some(hit) = map.get_spilled(destination, cached) {
+            return hit;
         }
         let name = format!("{} {destination}", op.as_str());
         if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
             return (Cow::Owned(name), Value::from(destination.to_owned()), false);
         }
-        let Ok(mut m) = map.write() else {
-            return (Cow::Owned(name), Value::from(destination.to_owned()), false);
+        let make = || {
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Infallible>((leak(destination), &*Box::leak(name.into_boxed_str())))
         };
-        if let Some((value, name)) = m.get_key_value(destination) {
-            return (Cow::Borrowed(*name), Value::from(*value), false);
+        match map.get_or_insert_with(destination, make, cached) {
+            Ok(hit) => hit,
+            Err(never) => match never {},
         }
-        self.cached.fetch_add(1, Ordering::Relaxed);
-        let value = leak(destination);
-        let name: &'static str = Box::leak(name.into_boxed_str());
-        m.insert(value, name);
-        (Cow::Borrowed(name), Value::from(value), false)
     }
 
     /// `s` as a static attribute value (exchanges, actions, sources).
+    #[inline]
     fn value(&self, s: &str) -> Value {
-        if let Ok(m) = self.values.read()
-            && let Some((v, ())) = m.get_key_value(s)
-        {
-            return Value::from(*v);
+        match self.values.get(s) {
+            Some((v, ())) => Value::from(*v),
+            None => self.value_slow(s),
+        }
+    }
+
+    /// [`Self::value`] past a miss in the lock-free table.
+    #[cold]
+    #[inline(never)]
+    fn value_slow(&self, s: &str) -> Value {
+        let cached = |v: &&'static str, (): &()| Value::from(*v);
+        if let Some(hit) = self.values.get_spilled(s, cached) {
+            return hit;
         }
         if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
             return Value::from(s.to_owned());
         }
-        match self.values.write() {
-            Ok(mut m) => {
-                if let Some((v, ())) = m.get_key_value(s) {
-                    return Value::from(*v);
-                }
-                self.cached.fetch_add(1, Ordering::Relaxed);
-                let v = leak(s);
-                m.insert(v, ());
-                Value::from(v)
-            }
-            Err(_) => Value::from(s.to_owned()),
+        let make = || {
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, Infallible>((leak(s), ()))
+        };
+        match self.values.get_or_insert_with(s, make, cached) {
+            Ok(hit) => hit,
+            Err(never) => match never {},
         }
     }
 }
