@@ -346,10 +346,16 @@ impl MessagingSpans {
             push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
         }
         if !routing_key.is_empty() {
-            push(KeyValue::new(
-                MESSAGING_RABBITMQ_ROUTING_KEY,
-                routing_key.to_owned(),
-            ));
+            // MindBus routing keys name a role, topic or target
+            // (`cmd.writer.any`, `evt.task.completed`): a few, shared like
+            // the other names. A reply to a server-named queue is the
+            // exception, and gets its own copy.
+            let value = if is_temporary_queue(routing_key) {
+                Value::from(routing_key.to_owned())
+            } else {
+                self.inner.names.value(routing_key)
+            };
+            push(KeyValue::new(MESSAGING_RABBITMQ_ROUTING_KEY, value));
         }
         // MindBus gives a COMMAND the same id as AMQP message id, AMQP
         // correlation id and CloudEvents id: one shared copy for all three.
@@ -699,7 +705,8 @@ impl NameCache {
         }
     }
 
-    /// `s` as a static attribute value (exchanges, actions, sources).
+    /// `s` as a static attribute value (exchanges, routing keys, actions,
+    /// sources).
     #[inline]
     fn value(&self, s: &str) -> Value {
         match self.values.get(s) {
@@ -1249,6 +1256,44 @@ mod attribute_tests {
             );
         }
         assert_eq!(checked, 8, "four kinds, both directions");
+    }
+
+    /// Every span records its message's routing key: the shared copy for
+    /// MindBus's names, an own copy for a reply to a server-named queue.
+    #[test]
+    fn routing_keys_are_recorded_shared_or_copied() {
+        let routing_key = |span: &SpanData| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == MESSAGING_RABBITMQ_ROUTING_KEY)
+                .map(|kv| kv.value.to_string())
+        };
+        let expected: Vec<Option<String>> = NAMES
+            .iter()
+            .flat_map(|n| {
+                let k = fixture(n).routing_key;
+                [Some(k.clone()), Some(k)]
+            })
+            .collect();
+        let got: Vec<Option<String>> = run(|s| s).iter().map(|(s, _)| routing_key(s)).collect();
+        assert_eq!(got, expected);
+
+        // Twice to the same server-named queue, then to another one.
+        let (provider, collect) = collecting();
+        let spans = MessagingSpans::new().with_tracer_provider(&provider);
+        let chain = InterceptorChain::new(vec![Arc::new(spans)], None);
+        let mut f = fixture("result");
+        f.exchange = String::new();
+        for queue in ["amq.gen-A1", "amq.gen-A1", "amq.gen-B2"] {
+            f.routing_key = queue.to_owned();
+            let mut state = publish(&chain, &f);
+            chain.end_publish(&mut state, &PublishResult::Sent);
+        }
+        let _ = provider.force_flush();
+        let exported = collect.0.lock().map(|s| s.clone()).unwrap_or_default();
+        let got: Vec<Option<String>> = exported.iter().map(routing_key).collect();
+        let want = ["amq.gen-A1", "amq.gen-A1", "amq.gen-B2"].map(|q| Some(q.to_owned()));
+        assert_eq!(got, want);
     }
 
     /// Span times come from the chain's two clock readings: the start when
