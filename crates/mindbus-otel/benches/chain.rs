@@ -464,7 +464,8 @@ criterion_group!(benches, bench);
 /// `handwritten/publish|consume[_unsampled]/cloudevent` for the hand-written
 /// floor)
 /// runs one case in a plain loop, for `valgrind --tool=callgrind` (whose
-/// instruction counts do not depend on what else the machine is doing).
+/// instruction counts do not depend on what else the machine is doing);
+/// `MINDBUS_PROFILE_THREADS=T` runs it on T threads at once.
 fn profile(case: &str) {
     let n: usize = std::env::var("MINDBUS_PROFILE_N")
         .ok()
@@ -494,7 +495,11 @@ fn profile(case: &str) {
     // Room for every span: under valgrind the batch thread barely runs, and
     // with the stock queue most spans would be dropped on this thread
     // instead of queued, which is not what is being profiled.
-    let sampled = provider(true, STOCK_QUEUE.max(n + 1024));
+    let threads: usize = std::env::var("MINDBUS_PROFILE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let sampled = provider(true, STOCK_QUEUE.max(n * threads.max(1) + 1024));
     let unsampled = provider(false, STOCK_QUEUE);
     if side == "handwritten" {
         let tracer = if chain_name.ends_with("_unsampled") {
@@ -525,28 +530,51 @@ fn profile(case: &str) {
         .iter()
         .find(|(n, _)| *n == chain_name)
         .expect("chain name");
-    if side == "publish" {
-        let task = sampled.tracer("bench").start("execute_task");
-        let _guard = Context::new().with_span(task).attach();
-        for _ in 0..n {
-            let (props, mut state) = chain.start_publish(
-                "mindbus.main",
-                "cmd.writer.any",
-                BasicPublishOptions::default(),
-                &body,
-                command_props(),
-            );
-            chain.end_publish(&mut state, &PublishResult::Sent);
-            black_box(props);
+    let task = sampled.tracer("bench").start("execute_task");
+    let task_cx = Context::new().with_span(task);
+    let delivery = traced_delivery(&body);
+    let run = || {
+        if side == "publish" {
+            let _guard = task_cx.clone().attach();
+            for _ in 0..n {
+                let (props, mut state) = chain.start_publish(
+                    "mindbus.main",
+                    "cmd.writer.any",
+                    BasicPublishOptions::default(),
+                    &body,
+                    command_props(),
+                );
+                chain.end_publish(&mut state, &PublishResult::Sent);
+                black_box(props);
+            }
+        } else {
+            for _ in 0..n {
+                let mut state = chain.start_delivery(&delivery, "agent.writer", false);
+                chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+                black_box(state);
+            }
         }
+    };
+    // MINDBUS_PROFILE_THREADS=T runs the loop on T threads at once through
+    // the one chain, as the channels of a multi-threaded runtime share it,
+    // and prints the wall time per message: what the chain's shared state
+    // (caches, tables, metric handles) costs when threads contend for it.
+    let started = std::time::Instant::now();
+    if threads <= 1 {
+        run();
     } else {
-        let delivery = traced_delivery(&body);
-        for _ in 0..n {
-            let mut state = chain.start_delivery(&delivery, "agent.writer", false);
-            chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
-            black_box(state);
-        }
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(run);
+            }
+        });
     }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{threads} thread(s) x {n} messages in {:.3} s: {:.0} ns per message per thread",
+        elapsed.as_secs_f64(),
+        elapsed.as_nanos() as f64 / n as f64
+    );
     let _ = sampled.shutdown();
     let _ = unsampled.shutdown();
     eprintln!(
