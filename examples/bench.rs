@@ -1456,6 +1456,11 @@ async fn matrix(ctx: &Ctx, prometheus: &metrics_exporter_prometheus::PrometheusH
     println!(
         "# us/msg = client CPU during the phase plus flushing the variant's spans right after it (traced-collector-down: until every span is exported, failed or dropped), / N; values are medians over rounds; xA = ratio of median msg/s; +B us/msg = difference of median CPU per message"
     );
+    println!(
+        "# per round: each traced variant against raw+headers within each round (median [min, max] of the pairs); a goal is met (or not) in every round, or undecided; with {} rounds the range holds the pairs' true median with probability {:.0}%",
+        o.rounds,
+        100.0 * (1.0 - 2.0 * 0.5f64.powi(i32::try_from(o.rounds).unwrap_or(i32::MAX)))
+    );
     for v in &variants {
         println!("# {}: {}", v.name(), v.note);
     }
