@@ -120,12 +120,15 @@ pub type LabelId = u32;
 /// (a cap of up to 1023 values fits whole; values past that are admitted
 /// into a locked overflow map). Each slot is 40 bytes on 64-bit targets,
 /// so the default cap of 100 takes 256 slots (10 KiB) and no guard takes
-/// more than 80 KiB.
+/// more than 80 KiB. Every guard holds [`OTHER`], so its table exists from
+/// the start.
 pub const MAX_LABEL_SLOTS: usize = 2048;
 
 /// Table slots of a [`HandleCache`]: up to half as many handles are found
 /// without a lock, later ones in a locked overflow map. At most 64 bytes a
-/// slot for the handle types used here, 8 KiB a cache.
+/// slot for the handle types used here, 8 KiB a cache, allocated when its
+/// first handle is made (a consume-only channel allocates none of the
+/// publish side's).
 pub const HANDLE_SLOTS: usize = 128;
 
 /// Interns the values of one label, up to a cap.
@@ -343,13 +346,21 @@ impl<K: Hash + Eq + Copy, H: Clone> HandleCache<K, H> {
 /// A lookup that races an insert may miss the new entry; callers then go
 /// through [`Self::get_or_insert_with`], which looks again under the lock.
 pub(crate) struct ReadMostly<K, V> {
-    slots: Box<[OnceLock<Slot<K, V>>]>,
+    /// The table, allocated at the first insert: a chain builds several of
+    /// these maps (one per metric family, per span operation) and many stay
+    /// empty, e.g. the publish-side ones of a consume-only channel.
+    slots: OnceLock<Table<K, V>>,
+    /// The table's length (a power of two).
+    len: usize,
     /// `64 - log2(slots.len())`: the table index is the hash's top bits
     /// (a multiplicative hash mixes its low bits least).
     shift: u32,
     spill: RwLock<Spill<K, V>>,
     spilled: AtomicBool,
 }
+
+/// The slots of a [`ReadMostly`], each filled at most once.
+type Table<K, V> = Box<[OnceLock<Slot<K, V>>]>;
 
 struct Slot<K, V> {
     hash: u64,
@@ -365,9 +376,12 @@ struct Spill<K, V> {
 
 impl<K, V> fmt::Debug for ReadMostly<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let filled = self.slots.iter().filter(|s| s.get().is_some()).count();
+        let filled = self
+            .slots
+            .get()
+            .map_or(0, |t| t.iter().filter(|s| s.get().is_some()).count());
         f.debug_struct("ReadMostly")
-            .field("slots", &self.slots.len())
+            .field("slots", &self.len)
             .field("filled", &filled)
             .field("spilled", &self.spilled.load(Ordering::Relaxed))
             .finish_non_exhaustive()
@@ -380,7 +394,8 @@ impl<K: Hash + Eq, V> ReadMostly<K, V> {
     pub(crate) fn with_slots(slots: usize) -> Self {
         let len = slots.max(2).next_power_of_two();
         ReadMostly {
-            slots: (0..len).map(|_| OnceLock::new()).collect(),
+            slots: OnceLock::new(),
+            len,
             shift: 64 - len.trailing_zeros(),
             spill: RwLock::new(Spill {
                 map: FastMap::default(),
@@ -403,10 +418,11 @@ impl<K: Hash + Eq, V> ReadMostly<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         let hash = Self::hash(key);
-        let mask = self.slots.len() - 1;
+        let slots = self.slots.get()?;
+        let mask = slots.len() - 1;
         let mut i = (hash >> self.shift) as usize;
-        for _ in 0..self.slots.len() {
-            let slot = self.slots.get(i)?.get()?;
+        for _ in 0..slots.len() {
+            let slot = slots.get(i)?.get()?;
             if slot.hash == hash && slot.key.borrow() == key {
                 return Some((&slot.key, &slot.value));
             }
@@ -452,12 +468,15 @@ impl<K: Hash + Eq, V> ReadMostly<K, V> {
             return Ok(found(k, v));
         }
         let (k, v) = make()?;
-        if spill.in_table < self.slots.len() / 2 {
+        if spill.in_table < self.len / 2 {
+            let slots = self
+                .slots
+                .get_or_init(|| (0..self.len).map(|_| OnceLock::new()).collect());
             let hash = Self::hash(key);
-            let mask = self.slots.len() - 1;
+            let mask = slots.len() - 1;
             let mut i = (hash >> self.shift) as usize;
-            for _ in 0..self.slots.len() {
-                if let Some(slot) = self.slots.get(i)
+            for _ in 0..slots.len() {
+                if let Some(slot) = slots.get(i)
                     && slot.get().is_none()
                 {
                     // Slots are filled only under the write lock held
@@ -593,6 +612,19 @@ mod tests {
         }
         // 60 values folded, each looked up 3 times by 8 threads.
         assert_eq!(g.folded(), 60 * 3 * 8);
+    }
+
+    #[test]
+    fn a_read_mostly_map_allocates_its_table_at_the_first_insert() {
+        let m: ReadMostly<u32, u32> = ReadMostly::with_slots(HANDLE_SLOTS);
+        assert_eq!(m.get(&1), None);
+        assert!(m.slots.get().is_none());
+        let r = m.get_or_insert_with(&1, || Ok::<_, Infallible>((1, 10)), |_, v| *v);
+        assert_eq!(r, Ok(10));
+        assert_eq!(m.slots.get().map(|t| t.len()), Some(HANDLE_SLOTS));
+        assert_eq!(m.get(&1).map(|(_, v)| *v), Some(10));
+        // A guard holds "other" from the start.
+        assert!(LabelGuard::new("agent", 3).index.slots.get().is_some());
     }
 
     #[test]

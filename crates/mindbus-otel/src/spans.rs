@@ -648,7 +648,8 @@ fn leak(s: &str) -> &'static str {
 pub const MAX_CACHED_NAMES: usize = 1024;
 
 /// Table slots of each of the span-name cache's four maps (48 bytes a
-/// slot for names, 32 for values on 64-bit targets: 44 KiB together).
+/// slot for names, 32 for values on 64-bit targets: 44 KiB if all four are
+/// used; each is allocated at its first entry).
 pub const NAME_SLOTS: usize = 256;
 
 impl NameCache {
