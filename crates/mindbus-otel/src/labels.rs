@@ -12,7 +12,6 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::convert::Infallible;
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
@@ -409,6 +408,18 @@ impl<K: Hash + Eq, V> ReadMostly<K, V> {
         BuildHasherDefault::<FastHasher>::default().hash_one(key)
     }
 
+    /// The slots of `table` in the order a key of hash `hash` probes them:
+    /// from the hash's top bits, once around.
+    fn probe<'a>(
+        &self,
+        table: &'a Table<K, V>,
+        hash: u64,
+    ) -> impl Iterator<Item = &'a OnceLock<Slot<K, V>>> {
+        let start = (hash >> self.shift) as usize;
+        let (wrapped, first) = table.split_at(start.min(table.len()));
+        first.iter().chain(wrapped)
+    }
+
     /// The entry for `key` if it is in the table: no lock, no write.
     /// `None` if absent, being inserted, or in the overflow map.
     #[inline]
@@ -418,15 +429,12 @@ impl<K: Hash + Eq, V> ReadMostly<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         let hash = Self::hash(key);
-        let slots = self.slots.get()?;
-        let mask = slots.len() - 1;
-        let mut i = (hash >> self.shift) as usize;
-        for _ in 0..slots.len() {
-            let slot = slots.get(i)?.get()?;
+        let table = self.slots.get()?;
+        for slot in self.probe(table, hash) {
+            let slot = slot.get()?;
             if slot.hash == hash && slot.key.borrow() == key {
                 return Some((&slot.key, &slot.value));
             }
-            i = (i + 1) & mask;
         }
         None
     }
@@ -469,38 +477,26 @@ impl<K: Hash + Eq, V> ReadMostly<K, V> {
         }
         let (k, v) = make()?;
         if spill.in_table < self.len / 2 {
-            let slots = self
+            let table = self
                 .slots
                 .get_or_init(|| (0..self.len).map(|_| OnceLock::new()).collect());
             let hash = Self::hash(key);
-            let mask = slots.len() - 1;
-            let mut i = (hash >> self.shift) as usize;
-            for _ in 0..slots.len() {
-                if let Some(slot) = slots.get(i)
-                    && slot.get().is_none()
-                {
-                    // Slots are filled only under the write lock held
-                    // here, so this empty slot takes the entry.
-                    let s = slot.get_or_init(|| Slot {
-                        hash,
-                        key: k,
-                        value: v,
-                    });
-                    spill.in_table += 1;
-                    return Ok(found(&s.key, &s.value));
-                }
-                i = (i + 1) & mask;
+            // Slots are filled only under the write lock held here, and the
+            // table is at most half full: the first empty slot takes it.
+            if let Some(slot) = self.probe(table, hash).find(|s| s.get().is_none()) {
+                let s = slot.get_or_init(|| Slot {
+                    hash,
+                    key: k,
+                    value: v,
+                });
+                spill.in_table += 1;
+                return Ok(found(&s.key, &s.value));
             }
         }
-        // The table is half full: the entry goes to the overflow map.
+        // The table is half full: the entry goes to the overflow map (where
+        // `key` is absent, as looked up above).
         self.spilled.store(true, Ordering::Release);
-        let entry = match spill.map.entry(k) {
-            Entry::Occupied(mut o) => {
-                o.insert(v);
-                o
-            }
-            Entry::Vacant(e) => e.insert_entry(v),
-        };
+        let entry = spill.map.entry(k).insert_entry(v);
         Ok(found(entry.key(), entry.get()))
     }
 }
