@@ -627,10 +627,23 @@ impl Orchestrator {
     }
 }
 
-async fn connect() -> Result<Connection, BoxError> {
+/// Connects to the broker, or exits with one line that says what is missing
+/// and how to start it (the URL without its credentials).
+async fn connect() -> Connection {
     let url = std::env::var("MINDBUS_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    Ok(Connection::connect(&url, ConnectionProperties::default()).await?)
+    match Connection::connect(&url, ConnectionProperties::default()).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            let host = host.split('/').next().unwrap_or_default();
+            eprintln!(
+                "ai_team: RabbitMQ does not answer on {host} ({e}): start it with `bash .ci/deps.sh`"
+            );
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Counts handled messages and signals when `max` is reached.
@@ -796,7 +809,7 @@ async fn main() -> Result<(), BoxError> {
     let telemetry = mindbus_telemetry::init(
         config.trace_view_output(mindbus_telemetry::TraceViewOutput::Capture),
     )?;
-    let conn = connect().await?;
+    let conn = connect().await;
     let names = Names::from_env();
     let setup = TracedChannel::builder(conn.create_channel().await?).build();
     declare_topology(&setup, &exchange, &names).await?;

@@ -325,7 +325,10 @@ async fn connection(name: &str, via: Option<u16>, recover: bool) -> Connection {
     if recover {
         props = props.enable_auto_recover();
     }
-    Connection::connect_uri(uri, props).await.unwrap()
+    match Connection::connect_uri(uri, props).await {
+        Ok(conn) => conn,
+        Err(e) => panic!("{}", broker_down(&url(), &e)),
+    }
 }
 
 async fn connection_dies_under_load(fault: Fault) {

@@ -386,6 +386,47 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
 
 /// The guard also cleans up when a test fails midway (it is dropped
 /// without `run`): durable leftovers would otherwise stay on the broker.
+/// With the broker down, the demo and the tests fail with one line that
+/// names what is missing and the command that starts it, without the URL's
+/// password and without a stack of lapin errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_is_one_line_naming_the_fix() {
+    // Port 1 on the loopback: nothing listens there.
+    let down = "amqp://guest:s3cret@127.0.0.1:1/%2f";
+
+    let err = Connection::connect(down, ConnectionProperties::default())
+        .await
+        .expect_err("nothing listens on 127.0.0.1:1");
+    let line = broker_down(down, &err);
+    assert!(!line.contains('\n') && !line.contains("s3cret"), "{line}");
+    assert!(
+        line.starts_with("RabbitMQ does not answer on 127.0.0.1:1 (")
+            && line.ends_with("): start it with `bash .ci/deps.sh`"),
+        "{line}"
+    );
+
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--tasks", "1"])
+        .env("MINDBUS_URL", down)
+        .env("RUST_LOG", "warn")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the demo exits when the broker is down")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(lines.len(), 1, "stderr: {stderr}");
+    assert!(
+        lines[0].starts_with("ai_team: RabbitMQ does not answer on 127.0.0.1:1 (")
+            && lines[0].ends_with("): start it with `bash .ci/deps.sh`"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_guard_deletes_on_drop() {
     let prefix = format!("{}.", unique("guard"));

@@ -24,10 +24,25 @@ pub fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The one line a test fails with when the broker does not answer: what is
+/// missing and the command that starts it (the same words as `.ci/deps.sh`),
+/// instead of a stack of lapin errors. The URL is shown without credentials.
+pub fn broker_down(url: &str, err: &dyn std::fmt::Display) -> String {
+    let host = url.split_once("://").map_or(url, |(_, rest)| {
+        rest.rsplit_once('@').map_or(rest, |(_, h)| h)
+    });
+    let host = host.split('/').next().unwrap_or(host);
+    format!("RabbitMQ does not answer on {host} ({err}): start it with `bash .ci/deps.sh`")
+}
+
+/// A connection to the test broker; fails the test with [`broker_down`]'s
+/// line when the broker is down.
 pub async fn connect() -> Connection {
-    Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 (see .ci/run)")
+    let url = url();
+    match Connection::connect(&url, ConnectionProperties::default()).await {
+        Ok(conn) => conn,
+        Err(e) => panic!("{}", broker_down(&url, &e)),
+    }
 }
 
 pub fn random_u64() -> u64 {
