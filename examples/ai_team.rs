@@ -12,7 +12,8 @@
 //!
 //! Environment: `MINDBUS_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`),
 //! `MINDBUS_EXCHANGE` (default `mindbus.main`), the `OTEL_*` variables and
-//! `METRICS_ADDR` of `mindbus-telemetry`. With no OTLP endpoint, each task's
+//! `METRICS_ADDR` of `mindbus-telemetry`, `MINDBUS_QUEUE_PREFIX` and
+//! `MINDBUS_MANAGEMENT_PORT` (see the README). With no OTLP endpoint, each task's
 //! trace is printed as a tree; with one, it also goes to the collector.
 //!
 //! The last task fails on purpose (the writer answers `DEADLINE_EXCEEDED`)
@@ -23,7 +24,7 @@ use mindbus_otel::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use mindbus_otel::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use mindbus_otel::lapin::types::{AMQPValue, FieldTable, ShortString};
 use mindbus_otel::lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use mindbus_otel::opentelemetry::context::FutureExt as _;
 use mindbus_otel::opentelemetry::trace::{
@@ -42,11 +43,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot};
 
+#[path = "support/management.rs"]
+mod management;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Queue and dead-letter names; `MINDBUS_QUEUE_PREFIX` prefixes them (for
 /// side-by-side runs and tests).
 struct Names {
+    prefix: String,
     dlx: String,
     dead_letters: String,
     writer: String,
@@ -61,6 +66,7 @@ impl Names {
             dead_letters: format!("{p}mindbus.dead-letters"),
             writer: format!("{p}agent.writer"),
             critic: format!("{p}agent.critic"),
+            prefix: p,
         }
     }
 }
@@ -236,17 +242,11 @@ async fn declare_topology(
         FieldTable::default(),
     )
     .await?;
-    let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(255));
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(names.dlx.as_str())),
-    );
     for (queue, key) in [
         (names.writer.as_str(), "cmd.writer.*"),
         (names.critic.as_str(), "cmd.critic.*"),
     ] {
-        ch.queue_declare(queue.into(), q, args.clone()).await?;
+        declare_agent_queue(ch, queue).await?;
         ch.queue_bind(
             queue.into(),
             exchange.into(),
@@ -257,6 +257,71 @@ async fn declare_topology(
         .await?;
     }
     Ok(())
+}
+
+/// An agent queue exactly as the MindBus protocol (and its reference Python
+/// client) declares it: durable, `x-max-priority: 255`, nothing else, so
+/// agents written against either client share one queue per role. A queue
+/// that exists with other arguments is one line naming the argument.
+async fn declare_agent_queue(ch: &TracedChannel, queue: &str) -> Result<(), BoxError> {
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(255));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    match ch.queue_declare(queue.into(), durable, args).await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.kind() {
+            mindbus_otel::lapin::ErrorKind::ProtocolError(amqp) => Err(format!(
+                "queue {queue} exists with other arguments than the protocol's \
+                 (durable, x-max-priority 255): {}; delete it (rabbitmqctl delete_queue {queue}) \
+                 or declare it as MindBus does",
+                amqp.get_message()
+            )
+            .into()),
+            _ => Err(e.into()),
+        },
+    }
+}
+
+/// The policy that dead-letters nacked COMMANDs of this deployment's agent
+/// queues (`{prefix}agent.*`) to its dead-letter exchange.
+fn dead_letter_policy(names: &Names) -> (String, String) {
+    (
+        format!("{}mindbus-dead-letters", names.prefix),
+        format!("^{}agent\\.", management::regex_escape(&names.prefix)),
+    )
+}
+
+/// Dead-lettering for the agent queues as RabbitMQ recommends it: a policy,
+/// which can change without redeclaring the queues (queue arguments would
+/// make them inequivalent to the protocol's declaration). Set through the
+/// management API when it answers; a policy already in effect on the queue
+/// that dead-letters is kept. Otherwise says, in one line, that nacked
+/// COMMANDs will be dropped and how to set the policy by hand.
+async fn ensure_dead_letter_policy(url: &str, names: &Names) {
+    let (policy, pattern) = dead_letter_policy(names);
+    let definition = json!({ "dead-letter-exchange": names.dlx });
+    let outcome = async {
+        let api = management::Management::for_broker(url)?;
+        if let Some((name, def)) = api.queue_policy(&names.writer).await?
+            && def.get("dead-letter-exchange").is_some()
+            && name != policy
+        {
+            return Ok(api);
+        }
+        api.put_policy(&policy, &pattern, definition.clone())
+            .await
+            .map(|()| api)
+    }
+    .await;
+    if let Err(why) = outcome {
+        eprintln!(
+            "ai_team: no dead-letter policy ({why}): nacked COMMANDs will be dropped; \
+             to keep them: rabbitmqctl set_policy {policy} '{pattern}' '{definition}' --apply-to queues"
+        );
+    }
 }
 
 /// A channel wrapped with the standard chain, its spans going to `provider`.
@@ -629,9 +694,13 @@ impl Orchestrator {
 
 /// Connects to the broker, or exits with one line that says what is missing
 /// and how to start it (the URL without its credentials).
+fn broker_url() -> String {
+    std::env::var("MINDBUS_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
 async fn connect() -> Connection {
-    let url = std::env::var("MINDBUS_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = broker_url();
     match Connection::connect(&url, ConnectionProperties::default()).await {
         Ok(conn) => conn,
         Err(e) => {
@@ -812,7 +881,11 @@ async fn main() -> Result<(), BoxError> {
     let conn = connect().await;
     let names = Names::from_env();
     let setup = TracedChannel::builder(conn.create_channel().await?).build();
-    declare_topology(&setup, &exchange, &names).await?;
+    if let Err(e) = declare_topology(&setup, &exchange, &names).await {
+        eprintln!("ai_team: {e}");
+        std::process::exit(1);
+    }
+    ensure_dead_letter_policy(&broker_url(), &names).await;
 
     match args.role.as_deref() {
         None => {

@@ -5,6 +5,8 @@
 mod common;
 #[path = "common/dashboards.rs"]
 mod dashboards;
+#[path = "../examples/support/management.rs"]
+mod management;
 
 use common::*;
 use futures_util::StreamExt;
@@ -65,6 +67,27 @@ fn exposed_names(exposition: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Waits until someone consumes `queue` (the demo's role has started).
+async fn wait_consuming(conn: &Connection, queue: &str) {
+    for _ in 0..300 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        // A passive declare of a missing queue closes the channel: one each.
+        let probe = conn.create_channel().await.unwrap();
+        if let Ok(q) = probe
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            && q.consumer_count() > 0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nobody started consuming {queue}");
+}
+
 /// Environment isolating one demo run: its own exchange and queues.
 fn isolated(cmd: &mut Command, prefix: &str, exchange: &str) {
     cmd.env("MINDBUS_URL", url())
@@ -110,6 +133,11 @@ impl Cleanup {
             delete_exchange(&ch, &format!("{prefix}mindbus.dlx")).await;
         }
         conn.close(200, "bye".into()).await.ok();
+        if let Ok(api) = management::Management::for_broker(&url()) {
+            let _ = api
+                .delete_policy(&format!("{prefix}mindbus-dead-letters"))
+                .await;
+        }
     }
 
     async fn run(mut self) {
@@ -273,26 +301,7 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
 
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
-    // Wait until the writer consumes its queue.
-    let writer_q = format!("{prefix}agent.writer");
-    let mut ready = false;
-    for _ in 0..300 {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let probe = conn.create_channel().await.unwrap();
-        if let Ok(q) = probe
-            .queue_declare(writer_q.as_str().into(), passive, FieldTable::default())
-            .await
-            && q.consumer_count() > 0
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the writer never started consuming");
+    wait_consuming(&conn, &format!("{prefix}agent.writer")).await;
     let replies = ch
         .queue_declare(
             "".into(),
@@ -384,8 +393,200 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
     cleanup.run().await;
 }
 
-/// The guard also cleans up when a test fails midway (it is dropped
-/// without `run`): durable leftovers would otherwise stay on the broker.
+/// An agent queue as the reference Python client declares it: durable,
+/// `x-max-priority: 255` encoded as pika encodes a Python int (`I`), nothing
+/// else.
+async fn declare_as_reference_client(ch: &mindbus_otel::lapin::Channel, queue: &str) {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        mindbus_otel::lapin::types::AMQPValue::LongInt(255),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), durable, args)
+        .await
+        .unwrap_or_else(|e| panic!("the reference declaration of {queue}: {e}"));
+}
+
+/// A COMMAND to the writer role, replied to on `reply_to`: a CloudEvent
+/// with these params, or (`None`) a body the writer cannot read, which it
+/// answers with INVALID_ARGUMENT and nacks.
+async fn command_writer(
+    ch: &mindbus_otel::lapin::Channel,
+    exchange: &str,
+    reply_to: &str,
+    id: &str,
+    params: Option<Value>,
+) {
+    let body = match params {
+        Some(params) => serde_json::to_vec(&json!({
+            "specversion": "1.0", "type": "ai.team.command", "source": "test-orchestrator",
+            "id": id, "subject": format!("task-{id}"),
+            "data": {"action": "generate_article", "params": params},
+        }))
+        .unwrap(),
+        None => b"not a CloudEvent".to_vec(),
+    };
+    let props = BasicProperties::default()
+        .with_reply_to(reply_to.into())
+        .with_correlation_id(id.into())
+        .with_priority(20)
+        .with_content_type("application/json".into());
+    ch.basic_publish(
+        exchange.into(),
+        "cmd.writer.any".into(),
+        BasicPublishOptions::default(),
+        &body,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Agents written against the reference client and our writer share one
+/// queue per role, whoever declares it first; a nacked COMMAND reaches the
+/// dead-letter queue through the policy the demo sets, not through queue
+/// arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_client_and_demo_share_a_role_queue_in_either_order() {
+    for reference_first in [true, false] {
+        let prefix = format!("{}.", unique("shared"));
+        let exchange = unique("shared.bus");
+        let cleanup = Cleanup::new(&prefix, &exchange);
+        let writer_q = format!("{prefix}agent.writer");
+        let conn = connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        if reference_first {
+            declare_as_reference_client(&ch, &writer_q).await;
+        }
+        let mut cmd = Command::new(demo_binary());
+        cmd.args(["--role", "writer", "--max-messages", "2"])
+            .env("METRICS_ADDR", "off");
+        isolated(&mut cmd, &prefix, &exchange);
+        cmd.stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        wait_consuming(&conn, &writer_q).await;
+        if !reference_first {
+            declare_as_reference_client(&ch, &writer_q).await;
+        }
+
+        let replies = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let reply_to = replies.name().as_str();
+        command_writer(
+            &ch,
+            &exchange,
+            reply_to,
+            "ok-1",
+            Some(json!({"topic": "t"})),
+        )
+        .await;
+        command_writer(&ch, &exchange, reply_to, "unreadable-2", None).await;
+
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the writer exits after 2 messages")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", out.status);
+        assert!(!stderr.contains("no dead-letter policy"), "{stderr}");
+        assert_eq!(
+            message_count(&ch, reply_to).await,
+            2,
+            "a RESULT and an ERROR"
+        );
+
+        // The nacked COMMAND, dead-lettered by the policy alone.
+        let dead_letters = format!("{prefix}mindbus.dead-letters");
+        let mut dead = 0;
+        for _ in 0..100 {
+            dead = message_count(&ch, &dead_letters).await;
+            if dead > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(dead, 1, "reference first: {reference_first}");
+        let api = management::Management::for_broker(&url()).unwrap();
+        assert!(
+            api.has_policy(&format!("{prefix}mindbus-dead-letters"))
+                .await
+                .unwrap()
+        );
+        conn.close(200, "bye".into()).await.ok();
+        cleanup.run().await;
+    }
+}
+
+/// A role queue that exists with other arguments than the protocol's (here
+/// the dead-letter argument older versions of the demo set) stops the demo
+/// with one line naming the argument, not a stack of lapin errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_declared_otherwise_is_one_line_naming_the_argument() {
+    let prefix = format!("{}.", unique("inequivalent"));
+    let exchange = unique("inequivalent.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        mindbus_otel::lapin::types::AMQPValue::LongInt(255),
+    );
+    args.insert("x-dead-letter-exchange".into(), long("elsewhere"));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(
+        format!("{prefix}agent.writer").as_str().into(),
+        durable,
+        args,
+    )
+    .await
+    .unwrap();
+
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--role", "writer", "--max-messages", "1"])
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    cmd.stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the demo stops at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // lapin logs the broker's closing of the channel itself (one line, at
+    // ERROR); everything else is the demo's one line.
+    let (ours, lapin): (Vec<&str>, Vec<&str>) = lines.iter().partition(|l| !l.contains(" lapin::"));
+    assert!(lapin.len() <= 1, "{stderr}");
+    assert_eq!(ours.len(), 1, "{stderr}");
+    assert!(
+        ours[0].starts_with(&format!(
+            "ai_team: queue {prefix}agent.writer exists with other"
+        )) && ours[0].contains("'x-dead-letter-exchange'"),
+        "{stderr}"
+    );
+    conn.close(200, "bye".into()).await.ok();
+    cleanup.run().await;
+}
+
 /// With the broker down, the demo and the tests fail with one line that
 /// names what is missing and the command that starts it, without the URL's
 /// password and without a stack of lapin errors.
@@ -427,6 +628,8 @@ async fn broker_down_is_one_line_naming_the_fix() {
     );
 }
 
+/// The guard also cleans up when a test fails midway (it is dropped
+/// without `run`): durable leftovers would otherwise stay on the broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_guard_deletes_on_drop() {
     let prefix = format!("{}.", unique("guard"));
@@ -445,8 +648,17 @@ async fn cleanup_guard_deletes_on_drop() {
     .await
     .unwrap();
     declare_exchange(&ch, &exchange, mindbus_otel::lapin::ExchangeKind::Topic).await;
+    let api = management::Management::for_broker(&url()).unwrap();
+    let policy = format!("{prefix}mindbus-dead-letters");
+    let pattern = format!("^{}agent\\.", management::regex_escape(&prefix));
+    let definition = json!({"dead-letter-exchange": format!("{prefix}mindbus.dlx")});
+    api.put_policy(&policy, &pattern, definition).await.unwrap();
 
     drop(Cleanup::new(&prefix, &exchange));
+    assert!(
+        !api.has_policy(&policy).await.unwrap(),
+        "the policy was deleted"
+    );
 
     let passive = |name: &str| {
         let conn = &conn;
