@@ -278,116 +278,36 @@ async fn metrics_from_real_traffic() {
         1.0
     );
 
-    // Per-agent messages: sent by this process's agent, received by source.
+    // Per-agent messages: `agent` is always the counting process's agent,
+    // `peer` the other side (the addressed role, the COMMAND's sender for a
+    // reply, the CloudEvents source of what is received).
     let m = "mindbus_messages_total";
+    let count = |agent: &str, peer: &str, kind: &str, direction: &str, outcome: &str| {
+        let labels = [
+            ("agent", agent),
+            ("peer", peer),
+            ("kind", kind),
+            ("direction", direction),
+            ("outcome", outcome),
+        ];
+        s.get(m, &labels)
+    };
+    let (orch, writer_id) = ("orchestrator-core", "agent.writer.001");
+    assert_eq!(count(orch, "writer", "command", "sent", "ok"), 2.0);
+    assert_eq!(count(orch, "unknown", "event", "sent", "ok"), 1.0);
+    assert_eq!(count(orch, writer_id, "result", "received", "acked"), 1.0);
+    assert_eq!(count(orch, writer_id, "error", "received", "acked"), 1.0);
+    // The writer's settlements of COMMANDs are the writer's, not the sender's.
+    assert_eq!(count(writer_id, orch, "command", "received", "acked"), 2.0);
     assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "orchestrator-core"),
-                ("kind", "command"),
-                ("direction", "sent"),
-                ("outcome", "ok")
-            ]
-        ),
-        2.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "orchestrator-core"),
-                ("kind", "event"),
-                ("direction", "sent"),
-                ("outcome", "ok")
-            ]
-        ),
+        count(writer_id, "unknown", "command", "received", "nacked"),
         1.0
     );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "orchestrator-core"),
-                ("kind", "command"),
-                ("direction", "received"),
-                ("outcome", "acked")
-            ]
-        ),
-        2.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "orchestrator-core"),
-                ("kind", "event"),
-                ("direction", "received"),
-                ("outcome", "acked")
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "unknown"),
-                ("kind", "command"),
-                ("direction", "received"),
-                ("outcome", "nacked")
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "agent.writer.001"),
-                ("kind", "result"),
-                ("direction", "sent"),
-                ("outcome", "ok")
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "agent.writer.001"),
-                ("kind", "error"),
-                ("direction", "sent"),
-                ("outcome", "ok")
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "agent.writer.001"),
-                ("kind", "result"),
-                ("direction", "received"),
-                ("outcome", "acked")
-            ]
-        ),
-        1.0
-    );
-    assert_eq!(
-        s.get(
-            m,
-            &[
-                ("agent", "agent.writer.001"),
-                ("kind", "error"),
-                ("direction", "received"),
-                ("outcome", "acked")
-            ]
-        ),
-        1.0
-    );
+    assert_eq!(count(writer_id, orch, "event", "received", "acked"), 1.0);
+    assert_eq!(count(writer_id, orch, "result", "sent", "ok"), 1.0);
+    assert_eq!(count(writer_id, orch, "error", "sent", "ok"), 1.0);
+    assert_eq!(s.sum(m, &[("agent", orch)]), 5.0);
+    assert_eq!(s.sum(m, &[("agent", writer_id)]), 6.0);
     assert_eq!(s.sum(m, &[]), 11.0, "every message counted once per side");
     assert_eq!(
         s.get(
@@ -449,7 +369,7 @@ async fn metrics_from_real_traffic() {
     );
     assert_eq!(s.sum("mindbus_otel_rejected_contexts_total", &[]), 0.0);
 
-    // Folding: a channel whose metrics admit 2 agents sees 4 senders.
+    // Folding: a channel whose metrics admit 2 peers sees 4 senders.
     let fold_q = unique("metrics.fold");
     declare_queue(&raw, &fold_q, FieldTable::default()).await;
     let folded = AgentMetrics::with_max_label_values(2);
@@ -466,19 +386,23 @@ async fn metrics_from_real_traffic() {
     assert!(eventually(Duration::from_secs(10), || fold_handle.stats().acked() == 5).await);
     let text = prom.render();
     let s = Scrape(parse(&text), text.clone());
-    let ev = |agent| {
+    let ev = |peer| {
         [
-            ("agent", agent),
+            ("agent", "unknown"),
+            ("peer", peer),
             ("kind", "event"),
             ("direction", "received"),
             ("outcome", "acked"),
         ]
     };
-    // The unknown own agent takes one of the two slots: "unknown" and fold.a.
+    // The first two senders are admitted, the rest fold into "other"; the
+    // own agent (none set: "unknown") has a guard of its own.
     assert_eq!(s.get(m, &ev("fold.a")), 1.0);
-    assert_eq!(s.get(m, &ev("other")), 4.0);
-    assert_eq!(folded.agents().folded(), 4);
-    assert!(s.get("mindbus_otel_label_overflow_total", &[("label", "agent")]) >= 4.0);
+    assert_eq!(s.get(m, &ev("fold.b")), 1.0);
+    assert_eq!(s.get(m, &ev("other")), 3.0);
+    assert_eq!(folded.peers().folded(), 3);
+    assert_eq!(folded.agents().folded(), 0);
+    assert!(s.get("mindbus_otel_label_overflow_total", &[("label", "peer")]) >= 3.0);
 
     for h in [writer_handle, events_handle, replies_handle, fold_handle] {
         h.cancel().await.unwrap();

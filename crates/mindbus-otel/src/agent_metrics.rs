@@ -9,9 +9,19 @@
 //! | `messaging_client_consumed_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name` (`process`/`receive`), `messaging_destination_name` | deliveries received |
 //! | `messaging_client_operation_duration_seconds` | histogram | s | as sent | publish call to hand-off (confirms off) or broker confirm (on) |
 //! | `messaging_process_duration_seconds` | histogram | s | as consumed, `error_type`* | delivery to settlement |
-//! | `mindbus_messages_total` | counter | messages | `agent`, `kind`, `direction`, `outcome` | every message by agent (this process's for what it sends, the CloudEvents `source` for what it receives), kind, direction and outcome |
+//! | `mindbus_messages_total` | counter | messages | `agent`, `peer`, `kind`, `direction`, `outcome` | every message this process's agent sent or received, by the other side, kind, direction and outcome |
 //! | `mindbus_processing_duration_seconds` | histogram | s | `agent`, `kind` | delivery to settlement, by this process's agent and the message kind |
 //! | `mindbus_messages_in_flight` | gauge | messages | `agent` | deliveries received and not yet settled |
+//!
+//! `agent` is always this process's agent, the one
+//! [`TracedChannelBuilder::agent`](crate::TracedChannelBuilder::agent) names
+//! (`unknown` without one), whichever way the message goes: a writer's acks
+//! and nacks of COMMANDs count under the writer. `peer` is the other side:
+//! for a received message its CloudEvents `source`; for a sent COMMAND the
+//! role of its routing key (`cmd.{role}.*`), for a CONTROL its target
+//! (`ctl.{target}.*`), for a RESULT or ERROR the `source` of the COMMAND it
+//! answers (matched by `reply_to` and correlation id while that COMMAND is
+//! in hand); `unknown` otherwise (EVENTs are broadcast).
 //!
 //! `error_type`* is present only on failures. `messaging_destination_name`
 //! is the exchange for publishes (the queue for the default exchange) and
@@ -33,6 +43,7 @@
 //! `mindbus_otel_handler_panics_total`.
 
 use crate::envelope::MessageKind;
+use crate::in_flight::{DEFAULT_MAX_IN_FLIGHT, InFlight};
 use crate::interceptor::Interceptor;
 use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId};
 use crate::message::{
@@ -66,11 +77,13 @@ const UNKNOWN_AGENT: &str = "unknown";
 pub(crate) struct Meta {
     destination: LabelId,
     kind: MessageKind,
-    /// Sent: this agent; received: the CloudEvents source.
-    agent: LabelId,
     /// This process's agent.
     own: LabelId,
+    /// The other side.
+    peer: LabelId,
     pull: bool,
+    /// A received COMMAND's key in the in-flight table.
+    command: Option<u64>,
 }
 
 /// The metrics interceptor: see the [module docs](self).
@@ -81,12 +94,15 @@ pub struct AgentMetrics {
 
 struct Inner {
     agents: LabelGuard,
+    peers: LabelGuard,
+    /// The sender (`peer`) of each COMMAND being handled, for its reply.
+    commands: InFlight<LabelId>,
     destinations: LabelGuard,
     errors: LabelGuard,
     sent: HandleCache<(LabelId, Option<LabelId>), (Counter, Histogram)>,
     consumed: HandleCache<(LabelId, bool), Counter>,
     processed: HandleCache<(LabelId, bool, Option<LabelId>), Histogram>,
-    messages: HandleCache<(LabelId, MessageKind, Direction, &'static str), Counter>,
+    messages: HandleCache<(LabelId, LabelId, MessageKind, Direction, &'static str), Counter>,
     processing: HandleCache<(LabelId, MessageKind), Histogram>,
     in_flight: HandleCache<LabelId, Gauge>,
     described: Once,
@@ -102,6 +118,7 @@ impl fmt::Debug for AgentMetrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentMetrics")
             .field("agents", &self.inner.agents.admitted())
+            .field("peers", &self.inner.peers.admitted())
             .field("destinations", &self.inner.destinations.admitted())
             .finish_non_exhaustive()
     }
@@ -131,7 +148,7 @@ fn describe() {
     metrics::describe_counter!(
         MESSAGES,
         Unit::Count,
-        "MindBus messages by agent, kind, direction and outcome"
+        "MindBus messages by this process's agent, the other side (peer), kind, direction and outcome"
     );
     metrics::describe_histogram!(
         PROCESSING_DURATION,
@@ -159,7 +176,7 @@ fn describe() {
         Unit::Count,
         "Label values folded into `other` past the cardinality cap, by label"
     );
-    for label in ["agent", "messaging_destination_name", "error_type"] {
+    for label in ["agent", "peer", "messaging_destination_name", "error_type"] {
         metrics::counter!("mindbus_otel_label_overflow_total", "label" => label).increment(0);
     }
 }
@@ -170,12 +187,15 @@ impl AgentMetrics {
         AgentMetrics::with_max_label_values(DEFAULT_MAX_LABEL_VALUES)
     }
 
-    /// With `cap` distinct values per content-fed label (agents,
-    /// destinations, error types) before folding into `other`.
+    /// With `cap` distinct values per content-fed label (agents, peers,
+    /// destinations, error types) before folding into `other`; at most
+    /// [`DEFAULT_MAX_IN_FLIGHT`] COMMANDs are held for matching replies.
     pub fn with_max_label_values(cap: usize) -> Self {
         AgentMetrics {
             inner: Arc::new(Inner {
                 agents: LabelGuard::new("agent", cap),
+                peers: LabelGuard::new("peer", cap),
+                commands: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
                 destinations: LabelGuard::new("messaging_destination_name", cap),
                 errors: LabelGuard::new("error_type", cap),
                 sent: HandleCache::default(),
@@ -194,6 +214,16 @@ impl AgentMetrics {
         &self.inner.agents
     }
 
+    /// The `peer` label guard (to inspect folding).
+    pub fn peers(&self) -> &LabelGuard {
+        &self.inner.peers
+    }
+
+    /// COMMANDs in hand, held to name the `peer` of their replies.
+    pub fn commands_in_flight(&self) -> usize {
+        self.inner.commands.len()
+    }
+
     fn destination(&self, name: &str) -> LabelId {
         if is_temporary_queue(name) {
             self.inner.destinations.id(TEMPORARY_DESTINATION)
@@ -206,22 +236,41 @@ impl AgentMetrics {
         self.inner.agents.id(state.agent().unwrap_or(UNKNOWN_AGENT))
     }
 
-    /// Counts one message in `mindbus_messages_total`.
-    fn count_message(
-        &self,
-        agent: LabelId,
-        kind: MessageKind,
-        dir: Direction,
-        outcome: &'static str,
-    ) {
+    /// The `peer` of a sent message: see the [module docs](self).
+    fn sent_peer(&self, msg: &mut OutgoingMessage<'_>, kind: MessageKind) -> LabelId {
         let i = &self.inner;
+        let second = |prefix: &str| {
+            let rest = msg.routing_key().strip_prefix(prefix)?;
+            rest.split('.').next().filter(|s| !s.is_empty())
+        };
+        let named = match kind {
+            MessageKind::Command => second("cmd."),
+            MessageKind::Control => second("ctl."),
+            MessageKind::Result | MessageKind::Error => {
+                let corr = msg.properties().correlation_id().as_ref();
+                let key = corr.map(|c| i.commands.key(msg.routing_key(), c.as_str()));
+                if let Some(peer) = key.and_then(|k| i.commands.get(k)) {
+                    return peer;
+                }
+                None
+            }
+            _ => None,
+        };
+        i.peers.id(named.unwrap_or(UNKNOWN_AGENT))
+    }
+
+    /// Counts one message in `mindbus_messages_total`.
+    fn count_message(&self, meta: &Meta, dir: Direction, outcome: &'static str) {
+        let i = &self.inner;
+        let (own, peer, kind) = (meta.own, meta.peer, meta.kind);
         i.messages.with(
-            (agent, kind, dir, outcome),
+            (own, peer, kind, dir, outcome),
             || {
                 metrics::counter!(
                     MESSAGES,
                     vec![
-                        Label::new("agent", i.agents.value(agent)),
+                        Label::new("agent", i.agents.value(own)),
+                        Label::new("peer", i.peers.value(peer)),
                         Label::new("kind", kind.as_str()),
                         Label::new("direction", dir.as_str()),
                         Label::new("outcome", outcome),
@@ -257,13 +306,15 @@ impl Interceptor for AgentMetrics {
             exchange
         });
         let kind = msg.envelope().kind();
-        let agent = self.own_agent(msg.state());
+        let own = self.own_agent(msg.state());
+        let peer = self.sent_peer(msg, kind);
         msg.state_mut().builtin.agent = Some(Meta {
             destination,
             kind,
-            agent,
-            own: agent,
+            own,
+            peer,
             pull: false,
+            command: None,
         });
     }
 
@@ -307,18 +358,33 @@ impl Interceptor for AgentMetrics {
         } else {
             "ok"
         };
-        self.count_message(meta.agent, meta.kind, Direction::Sent, outcome);
+        self.count_message(&meta, Direction::Sent, outcome);
     }
 
     fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
         self.inner.described.call_once(describe);
         let destination = self.destination(msg.queue());
         let pull = msg.state().is_pull();
+        let props = &msg.delivery().properties;
         let env = msg.envelope();
         let kind = env.kind();
         let source = env.source().unwrap_or(UNKNOWN_AGENT);
         let i = &self.inner;
-        let agent = i.agents.id(source);
+        let peer = i.peers.id(source);
+        // A COMMAND awaiting a reply: remember its sender for the reply's peer.
+        let command = match (kind, props.reply_to()) {
+            (MessageKind::Command, Some(reply_to)) => props
+                .correlation_id()
+                .as_ref()
+                .or(props.message_id().as_ref())
+                .map(|c| c.as_str())
+                .or(env.id())
+                .and_then(|corr| {
+                    i.commands
+                        .insert(i.commands.key(reply_to.as_str(), corr), peer)
+                }),
+            _ => None,
+        };
         i.consumed.with(
             (destination, pull),
             || {
@@ -341,9 +407,10 @@ impl Interceptor for AgentMetrics {
         msg.state_mut().builtin.agent = Some(Meta {
             destination,
             kind,
-            agent,
             own,
+            peer,
             pull,
+            command,
         });
     }
 
@@ -352,6 +419,9 @@ impl Interceptor for AgentMetrics {
             return;
         };
         let i = &self.inner;
+        if let Some(key) = meta.command {
+            i.commands.remove(key);
+        }
         let elapsed = state.elapsed().as_secs_f64();
         // An ack/nack/reject that never reached the broker (its channel
         // closed) leaves the message to be redelivered: not a success.
@@ -393,7 +463,7 @@ impl Interceptor for AgentMetrics {
         } else {
             settlement.outcome.as_str()
         };
-        self.count_message(meta.agent, meta.kind, Direction::Received, outcome);
+        self.count_message(&meta, Direction::Received, outcome);
         let own = meta.own;
         i.processing.with(
             (own, meta.kind),

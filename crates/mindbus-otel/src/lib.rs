@@ -105,6 +105,7 @@ mod confirm;
 mod delivery;
 pub mod envelope;
 pub mod handler;
+mod in_flight;
 pub mod interceptor;
 pub mod labels;
 pub mod message;

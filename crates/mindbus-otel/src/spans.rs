@@ -59,8 +59,10 @@
 
 use crate::clock;
 use crate::envelope::{EnvelopeRef, MessageKind};
+pub use crate::in_flight::DEFAULT_MAX_IN_FLIGHT;
+use crate::in_flight::InFlight;
 use crate::interceptor::Interceptor;
-use crate::labels::{PreHashedMap, ReadMostly};
+use crate::labels::ReadMostly;
 use crate::message::{
     Direction, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
     PublishResult, Settlement,
@@ -77,13 +79,9 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
-
-/// Default bound of the in-flight COMMAND table.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 
 fn scope() -> InstrumentationScope {
     InstrumentationScope::builder("mindbus-otel")
@@ -128,36 +126,6 @@ impl SpanStats {
     }
 }
 
-/// A COMMAND being handled: the context of its CONSUMER span.
-///
-/// Entries are found by a keyed SipHash of `(reply_to, correlation_id)`
-/// alone; the strings themselves are not kept (two allocations per COMMAND
-/// otherwise). SipHash with a random per-table key is a pseudo-random
-/// function: without the key, a producer cannot make two ids collide, and
-/// two of at most [`DEFAULT_MAX_IN_FLIGHT`] live entries collide by chance
-/// with probability about 10^-11. A collision would only parent one reply's
-/// span under the wrong COMMAND.
-struct InFlightEntry {
-    cx: Context,
-}
-
-/// COMMANDs being handled, by a keyed hash of (reply_to, correlation_id).
-struct InFlight {
-    hasher: RandomState,
-    map: Mutex<PreHashedMap<InFlightEntry>>,
-    max: usize,
-}
-
-impl InFlight {
-    fn key(&self, reply_to: &str, correlation_id: &str) -> u64 {
-        self.hasher.hash_one((reply_to, correlation_id))
-    }
-
-    fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
-    }
-}
-
 /// Per-message state of this interceptor.
 pub(crate) struct SpanState {
     cx: Context,
@@ -182,7 +150,8 @@ struct Inner {
     payload_cap: Option<usize>,
     body_size: bool,
     server: Option<(Arc<str>, u16)>,
-    in_flight: InFlight,
+    /// The CONSUMER span context of each COMMAND being handled.
+    in_flight: InFlight<Context>,
     names: NameCache,
     stats: SpanStats,
 }
@@ -215,11 +184,7 @@ impl MessagingSpans {
                 payload_cap: None,
                 body_size: false,
                 server: None,
-                in_flight: InFlight {
-                    hasher: RandomState::new(),
-                    map: Mutex::new(PreHashedMap::default()),
-                    max: DEFAULT_MAX_IN_FLIGHT,
-                },
+                in_flight: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
                 names: NameCache::new(),
                 stats: SpanStats::default(),
             }),
@@ -462,30 +427,23 @@ impl MessagingSpans {
     /// The RPC parent of a reply published outside any span.
     fn rpc_parent(&self, routing_key: &str, correlation_id: &str) -> Option<Context> {
         let table = &self.inner.in_flight;
-        let key = table.key(routing_key, correlation_id);
-        let map = table.map.lock().ok()?;
-        map.get(&key).map(|e| e.cx.clone())
+        table.get(table.key(routing_key, correlation_id))
     }
 
     fn track_command(&self, reply_to: &str, correlation_id: &str, cx: &Context) -> Option<u64> {
         let table = &self.inner.in_flight;
-        let key = table.key(reply_to, correlation_id);
-        let mut map = table.map.lock().ok()?;
-        if map.len() >= table.max && !map.contains_key(&key) {
+        let tracked = table.insert(table.key(reply_to, correlation_id), cx.clone());
+        if tracked.is_none() {
             self.inner
                 .stats
                 .in_flight_full
                 .fetch_add(1, Ordering::Relaxed);
-            return None;
         }
-        map.insert(key, InFlightEntry { cx: cx.clone() });
-        Some(key)
+        tracked
     }
 
     fn untrack(&self, key: u64) {
-        if let Ok(mut map) = self.inner.in_flight.map.lock() {
-            map.remove(&key);
-        }
+        self.inner.in_flight.remove(key);
     }
 }
 
@@ -1112,6 +1070,7 @@ mod attribute_tests {
     use lapin::options::BasicPublishOptions;
     use opentelemetry_sdk::error::OTelSdkResult;
     use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use std::sync::Mutex;
 
     #[derive(Debug, Clone, Default)]
     struct Collect(Arc<Mutex<Vec<SpanData>>>);
