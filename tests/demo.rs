@@ -276,6 +276,11 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
     let exposition = scrape.expect("scraped /metrics while the demo lingered");
     let exposed = exposed_names(&exposition);
     assert!(exposed.contains("ai_team_tasks_total"), "{exposition}");
+    // The critic's scores count for the writer whose article it reviewed.
+    assert!(
+        exposition.contains("ai_team_quality_score_count{agent=\"agent.writer.001\"} 2"),
+        "{exposition}"
+    );
     let wanted = dashboards::metric_names_in_dashboards();
     let missing: Vec<&String> = wanted.iter().filter(|m| !exposed.contains(*m)).collect();
     assert!(

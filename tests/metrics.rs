@@ -267,9 +267,24 @@ async fn metrics_from_real_traffic() {
         1.0
     );
     assert!((s.get("ai_team_llm_latency_seconds_sum", &[("model", "gpt-4")]) - 1.2).abs() < 1e-9);
-    assert_eq!(s.get("ai_team_quality_score_count", &[]), 1.0);
-    assert_eq!(s.get("ai_team_quality_score_bucket", &[("le", "8")]), 0.0);
-    assert_eq!(s.get("ai_team_quality_score_bucket", &[("le", "10")]), 1.0);
+    assert_eq!(
+        s.get("ai_team_quality_score_count", &[("agent", "unknown")]),
+        1.0
+    );
+    assert_eq!(
+        s.get(
+            "ai_team_quality_score_bucket",
+            &[("agent", "unknown"), ("le", "8")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        s.get(
+            "ai_team_quality_score_bucket",
+            &[("agent", "unknown"), ("le", "10")]
+        ),
+        1.0
+    );
     assert_eq!(
         s.get(
             "ai_team_agent_errors_total",

@@ -15,7 +15,7 @@
 //! | `ai_team_llm_tokens_total` | counter | `model`, `agent` | `data.metrics.tokens_used` |
 //! | `ai_team_llm_cost_dollars_total` | gauge, only increasing (the facade's counters are integers) | `model` | `data.metrics.cost_usd` or `estimated_cost_usd`, in dollars |
 //! | `ai_team_llm_latency_seconds` | histogram | `model` | `data.metrics.latency_ms`, else `data.execution_time_ms` |
-//! | `ai_team_quality_score` | histogram | | `data.output.quality_score` (buckets 0,2,4,6,8,10 in the exporter) |
+//! | `ai_team_quality_score` | histogram | `agent` | `data.output.quality_score` (buckets 0,2,4,6,8,10 in the exporter), by the agent whose work was reviewed |
 //! | `ai_team_agent_errors_total` | counter | `agent`, `code` | ERROR messages received, by sender and `data.error.code` |
 //! | `mindbus_otel_task_fields_missing_total` | counter | `field` | RESULT/ERROR fields that were absent or malformed (skipped) |
 //!
@@ -31,6 +31,14 @@
 //! with no pending COMMAND (sent before a restart, or by another process)
 //! still counts as completed/failed, without a duration, unless it is a
 //! redelivery.
+//!
+//! The quality score's `agent` is the agent whose work was reviewed, not the
+//! reviewer: the sender of the task's latest RESULT without a score, found
+//! by the CloudEvents `subject` (the business task id) that both RESULTs
+//! carry. Those senders are kept in a bounded table (as many subjects as
+//! [`TaskMetrics::max_pending`], each for at most [`MAX_TTL`]); a score
+//! whose task is unknown (no subject, or its work RESULT was not seen here)
+//! counts under `agent="unknown"`.
 
 use crate::envelope::MessageKind;
 use crate::interceptor::Interceptor;
@@ -38,7 +46,7 @@ use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId, 
 use crate::message::{IncomingMessage, MessageState, OutgoingMessage, PublishResult};
 use metrics::{Counter, Gauge, Histogram, Label, Unit};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -88,12 +96,39 @@ struct Table {
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
 }
 
+/// Who did the work of each recent task: the sender of its latest RESULT
+/// without a quality score, by a keyed hash of its `subject`.
+struct Workers {
+    hasher: RandomState,
+    /// Subject key -> (worker, when recorded).
+    by_subject: PreHashedMap<(LabelId, Instant)>,
+    /// (when recorded, key), oldest first; a pair whose entry was recorded
+    /// again later is skipped when it comes out.
+    order: VecDeque<(Instant, u64)>,
+}
+
+impl Workers {
+    /// Drops entries older than [`MAX_TTL`] and, past `max`, the oldest.
+    fn trim(&mut self, now: Instant, max: usize) {
+        while let Some(&(at, key)) = self.order.front() {
+            let live = self.by_subject.get(&key).is_some_and(|e| e.1 == at);
+            let expired = now.saturating_duration_since(at) > MAX_TTL;
+            if live && !expired && self.by_subject.len() <= max {
+                break;
+            }
+            self.order.pop_front();
+            if live {
+                self.by_subject.remove(&key);
+            }
+        }
+    }
+}
+
 /// Handles made on first use, so a recorder installed after construction
 /// (but before traffic) is the one used.
 struct Handles {
     tasks: [Counter; 4],
     in_progress: Gauge,
-    quality: Histogram,
 }
 
 /// The task-metrics interceptor: see the [module docs](self).
@@ -105,6 +140,7 @@ pub struct TaskMetrics {
 struct Inner {
     max_pending: usize,
     table: Mutex<Table>,
+    workers: Mutex<Workers>,
     actions: LabelGuard,
     models: LabelGuard,
     agents: LabelGuard,
@@ -114,6 +150,7 @@ struct Inner {
     llm: HandleCache<(LabelId, LabelId), (Counter, Counter)>,
     per_model: HandleCache<LabelId, (Gauge, Histogram)>,
     errors: HandleCache<(LabelId, LabelId), Counter>,
+    quality: HandleCache<LabelId, Histogram>,
 }
 
 impl Default for TaskMetrics {
@@ -203,6 +240,11 @@ impl TaskMetrics {
                     entries: PreHashedMap::default(),
                     deadlines: BinaryHeap::new(),
                 }),
+                workers: Mutex::new(Workers {
+                    hasher: RandomState::new(),
+                    by_subject: PreHashedMap::default(),
+                    order: VecDeque::new(),
+                }),
                 actions: LabelGuard::new("task_type", max_label_values),
                 models: LabelGuard::new("model", max_label_values),
                 agents: LabelGuard::new("agent", max_label_values),
@@ -212,8 +254,37 @@ impl TaskMetrics {
                 llm: HandleCache::default(),
                 per_model: HandleCache::default(),
                 errors: HandleCache::default(),
+                quality: HandleCache::default(),
             }),
         }
+    }
+
+    /// Tasks whose worker is remembered now.
+    pub fn subjects(&self) -> usize {
+        self.inner
+            .workers
+            .lock()
+            .map(|w| w.by_subject.len())
+            .unwrap_or(0)
+    }
+
+    /// Records `agent` as the worker of `subject`'s task.
+    fn work_done(&self, subject: &str, agent: LabelId, now: Instant) {
+        let Ok(mut w) = self.inner.workers.lock() else {
+            return;
+        };
+        let key = w.hasher.hash_one(subject);
+        w.by_subject.insert(key, (agent, now));
+        w.order.push_back((now, key));
+        w.trim(now, self.inner.max_pending);
+    }
+
+    /// The worker of `subject`'s task, if remembered.
+    fn worker_of(&self, subject: &str, now: Instant) -> Option<LabelId> {
+        let mut w = self.inner.workers.lock().ok()?;
+        w.trim(now, self.inner.max_pending);
+        let key = w.hasher.hash_one(subject);
+        w.by_subject.get(&key).map(|e| e.0)
     }
 
     /// Bound of the pending-COMMAND table (see [`TaskMetrics::with_limits`]).
@@ -238,7 +309,6 @@ impl TaskMetrics {
             Handles {
                 tasks: STATUSES.map(|s| metrics::counter!(TASKS, "status" => s)),
                 in_progress: metrics::gauge!(TASKS_IN_PROGRESS),
-                quality: metrics::histogram!(QUALITY_SCORE),
             }
         })
     }
@@ -476,12 +546,25 @@ impl Interceptor for TaskMetrics {
         if kind != MessageKind::Result {
             return;
         }
-        if let Some(score) = env.quality_score() {
-            if (0.0..=10.0).contains(&score) {
-                self.handles().quality.record(score);
-            } else {
-                missing("output.quality_score");
+        match (env.quality_score(), env.subject()) {
+            (Some(score), subject) if (0.0..=10.0).contains(&score) => {
+                let worker = subject
+                    .and_then(|s| self.worker_of(s, received))
+                    .unwrap_or_else(|| i.agents.id("unknown"));
+                i.quality.with(
+                    worker,
+                    || {
+                        metrics::histogram!(
+                            QUALITY_SCORE,
+                            vec![Label::new("agent", i.agents.value(worker))]
+                        )
+                    },
+                    |h| h.record(score),
+                );
             }
+            (Some(_), _) => missing("output.quality_score"),
+            (None, Some(subject)) => self.work_done(subject, agent, received),
+            (None, None) => {}
         }
         if !env.has_metrics() {
             return;
@@ -669,6 +752,77 @@ mod tests {
         });
         assert_eq!(tasks(&text, "pending"), Some(1.0), "{text}");
         assert_eq!(tasks(&text, "completed"), Some(1.0));
+    }
+
+    /// A RESULT from `source` about `subject`, with a quality score or not.
+    fn deliver(chain: &InterceptorChain, source: &str, subject: Option<&str>, score: Option<f64>) {
+        let subject = subject.map_or(String::new(), |s| format!(r#","subject":"{s}""#));
+        let output = score.map_or(String::new(), |q| {
+            format!(r#","output":{{"quality_score":{q}}}"#)
+        });
+        let body = format!(
+            r#"{{"specversion":"1.0","type":"ai.team.result","source":"{source}","id":"r"{subject},"data":{{"status":"SUCCESS"{output}}}}}"#
+        );
+        let mut d = Delivery::mock(
+            1,
+            "".into(),
+            "orchestrator.results".into(),
+            false,
+            body.into_bytes(),
+        );
+        d.properties = BasicProperties::default().with_correlation_id("other".into());
+        let mut m = chain.start_delivery(&d, "orchestrator.results", false);
+        chain.end_delivery(&mut m, &Settlement::new(Outcome::Acked));
+    }
+
+    fn quality(text: &str, agent: &str) -> Option<f64> {
+        sample(
+            text,
+            &format!("ai_team_quality_score_count{{agent=\"{agent}\"}}"),
+        )
+    }
+
+    #[test]
+    fn a_quality_score_counts_for_the_agent_whose_work_was_reviewed() {
+        let text = scenario(|tm, chain| {
+            deliver(chain, "agent.writer.001", Some("task-1"), None);
+            deliver(chain, "agent.writer.002", Some("task-2"), None);
+            deliver(chain, "agent.critic.001", Some("task-1"), Some(8.0));
+            deliver(chain, "agent.critic.001", Some("task-2"), Some(6.0));
+            // Rewritten after review: the latest worker is scored.
+            deliver(chain, "agent.writer.003", Some("task-1"), None);
+            deliver(chain, "agent.critic.001", Some("task-1"), Some(9.0));
+            // No subject, or a task whose work was not seen here.
+            deliver(chain, "agent.critic.001", None, Some(4.0));
+            deliver(chain, "agent.critic.001", Some("task-9"), Some(4.0));
+            assert_eq!(tm.subjects(), 2);
+        });
+        assert_eq!(quality(&text, "agent.writer.001"), Some(1.0), "{text}");
+        assert_eq!(quality(&text, "agent.writer.002"), Some(1.0), "{text}");
+        assert_eq!(quality(&text, "agent.writer.003"), Some(1.0), "{text}");
+        assert_eq!(quality(&text, "unknown"), Some(2.0), "{text}");
+        assert_eq!(
+            quality(&text, "agent.critic.001"),
+            None,
+            "the reviewer is not scored"
+        );
+    }
+
+    #[test]
+    fn workers_are_bounded_and_expire() {
+        let tm = TaskMetrics::with_limits(100, 10);
+        let start = Instant::now();
+        for i in 0..1_000 {
+            tm.work_done(&format!("task-{i}"), 1, start);
+        }
+        assert_eq!(tm.subjects(), 100);
+        assert_eq!(tm.worker_of("task-999", start), Some(1));
+        assert_eq!(tm.worker_of("task-0", start), None, "the oldest went first");
+        let later = start + MAX_TTL + Duration::from_secs(1);
+        assert_eq!(tm.worker_of("task-999", later), None, "expired");
+        assert_eq!(tm.subjects(), 0);
+        let order = tm.inner.workers.lock().map(|w| w.order.len()).unwrap_or(0);
+        assert_eq!(order, 0, "no stale pairs left behind");
     }
 
     #[test]
