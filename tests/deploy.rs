@@ -1212,3 +1212,71 @@ environment:
     assert_eq!(host_port("x"), None);
     assert_eq!(host_port("x:0"), None);
 }
+
+/// The Agent Performance dashboard answers "how is agent X doing" from the
+/// agent's own side: `agent` on the `mindbus_*` metrics is the counting
+/// process's agent, so every per-agent query filters on it, the handled
+/// COMMANDs are the ones the agent received, and quality is by the agent
+/// whose work was reviewed.
+#[test]
+fn agent_performance_answers_how_an_agent_is_doing() {
+    let dashboard =
+        dashboards::load_dashboard(&dashboards::dashboards_dir().join("agent-performance.json"));
+    let exprs = dashboards::exprs_of(&dashboard);
+    let per_agent = [
+        "mindbus_messages_total",
+        "mindbus_processing_duration_seconds_bucket",
+        "mindbus_messages_in_flight",
+        "ai_team_quality_score_sum",
+        "ai_team_quality_score_count",
+        "ai_team_agent_errors_total",
+    ];
+    for expr in &exprs {
+        for metric in per_agent {
+            for (at, _) in expr.match_indices(&format!("{metric}{{")) {
+                let matchers = &expr[at + metric.len()..];
+                let matchers = &matchers[..=matchers.find('}').unwrap()];
+                assert!(
+                    matchers.contains(r#"agent=~"$agent""#),
+                    "{metric} not filtered by the selected agent in: {expr}"
+                );
+            }
+            assert!(
+                !expr.contains(&format!("{metric}[")),
+                "{metric} without the agent filter in: {expr}"
+            );
+        }
+    }
+    let answers = |what: &str, parts: &[&str]| {
+        assert!(
+            exprs.iter().any(|e| parts.iter().all(|p| e.contains(p))),
+            "no panel shows {what} (a query with {parts:?})"
+        );
+    };
+    answers(
+        "the agent's handled COMMANDs by outcome",
+        &[
+            "by (agent, outcome)",
+            "mindbus_messages_total{",
+            r#"kind="command", direction="received""#,
+        ],
+    );
+    answers(
+        "the agent's processing time",
+        &[
+            "by (le, agent, kind)",
+            "mindbus_processing_duration_seconds_bucket{",
+        ],
+    );
+    answers(
+        "the agent's errors by code",
+        &["by (agent, code)", "ai_team_agent_errors_total{"],
+    );
+    answers(
+        "the agent's quality",
+        &[
+            "sum by (agent) (increase(ai_team_quality_score_sum{",
+            "sum by (agent) (increase(ai_team_quality_score_count{",
+        ],
+    );
+}
