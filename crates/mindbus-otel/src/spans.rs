@@ -90,12 +90,14 @@ fn scope() -> InstrumentationScope {
 }
 
 /// Where spans go.
+#[derive(Clone)]
 enum TracerSource {
     /// The global provider, looked up per span (so installing the provider
     /// after building the channel still works).
     Global,
-    /// A tracer from a given provider.
-    Fixed(BoxedTracer),
+    /// A tracer from a given provider (shared by the copies that
+    /// configuring a shared instance makes).
+    Fixed(Arc<BoxedTracer>),
 }
 
 /// Counters of a [`MessagingSpans`] interceptor.
@@ -153,7 +155,9 @@ struct Inner {
     /// The CONSUMER span context of each COMMAND being handled.
     in_flight: InFlight<Context>,
     names: NameCache,
-    stats: SpanStats,
+    /// Shared with the copies that configuring a shared instance makes, so
+    /// the instance a user kept sees their spans.
+    stats: Arc<SpanStats>,
 }
 
 impl Default for MessagingSpans {
@@ -186,7 +190,7 @@ impl MessagingSpans {
                 server: None,
                 in_flight: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
                 names: NameCache::new(),
-                stats: SpanStats::default(),
+                stats: Arc::default(),
             }),
         }
     }
@@ -198,6 +202,8 @@ impl MessagingSpans {
                 // Shared already: configure a fresh copy.
                 let mut fresh = MessagingSpans::new();
                 if let Some(inner) = Arc::get_mut(&mut fresh.inner) {
+                    inner.tracer = self.inner.tracer.clone();
+                    inner.stats = self.inner.stats.clone();
                     inner.link_only = self.inner.link_only;
                     inner.payload_cap = self.inner.payload_cap;
                     inner.body_size = self.inner.body_size;
@@ -220,7 +226,7 @@ impl MessagingSpans {
         <P::Tracer as Tracer>::Span: Send + Sync + 'static,
     {
         let tracer = BoxedTracer::new(Box::new(provider.tracer_with_scope(scope())));
-        self.edit(|i| i.tracer = TracerSource::Fixed(tracer))
+        self.edit(|i| i.tracer = TracerSource::Fixed(Arc::new(tracer)))
     }
 
     /// CONSUMER spans of this kind start a new trace, linked to the
@@ -1159,6 +1165,32 @@ mod attribute_tests {
         let exported = collect.0.lock().map(|s| s.clone()).unwrap_or_default();
         assert_eq!(exported.len(), predicted.len(), "one span per operation");
         exported.into_iter().zip(predicted).collect()
+    }
+
+    /// Configuring an instance that is shared already (a clone was kept)
+    /// makes a configured copy: it keeps the tracer provider, and the kept
+    /// instance's stats see the copy's spans.
+    #[test]
+    fn configuring_a_shared_instance_keeps_its_provider_and_stats() {
+        let (provider, collect) = collecting();
+        let spans = MessagingSpans::new().with_tracer_provider(&provider);
+        let edited = spans.clone().server("127.0.0.1", 5672);
+        let chain = InterceptorChain::new(vec![Arc::new(edited)], None);
+        let mut state = publish(&chain, &fixture("command"));
+        chain.end_publish(&mut state, &PublishResult::Sent);
+        let _ = provider.force_flush();
+        let exported = collect.0.lock().map(|s| s.clone()).unwrap_or_default();
+        assert_eq!(
+            exported.len(),
+            1,
+            "the span went to the configured provider"
+        );
+        let server = exported[0]
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == SERVER_ADDRESS);
+        assert!(server.is_some(), "{}", describe(&exported[0]));
+        assert_eq!((spans.stats().started(), spans.stats().ended()), (1, 1));
     }
 
     fn describe(span: &SpanData) -> String {
