@@ -79,8 +79,8 @@ use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 fn scope() -> InstrumentationScope {
@@ -154,7 +154,8 @@ struct Inner {
     server: Option<(Arc<str>, u16)>,
     /// The CONSUMER span context of each COMMAND being handled.
     in_flight: InFlight<Context>,
-    names: NameCache,
+    /// The process-wide cache ([`interned_names`]).
+    names: &'static NameCache,
     /// Shared with the copies that configuring a shared instance makes, so
     /// the instance a user kept sees their spans.
     stats: Arc<SpanStats>,
@@ -189,7 +190,7 @@ impl MessagingSpans {
                 body_size: false,
                 server: None,
                 in_flight: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
-                names: NameCache::new(),
+                names: name_cache(),
                 stats: Arc::default(),
             }),
         }
@@ -602,6 +603,23 @@ struct NameCache {
     names: [ReadMostly<&'static str, &'static str>; 3],
     values: ReadMostly<&'static str, ()>,
     cached: AtomicUsize,
+}
+
+/// The process-wide span-name cache. Every [`MessagingSpans`] shares it:
+/// a chain is built per channel, so per reconnect, and what the cache
+/// interns is never freed, so one cache per instance would leak again with
+/// each new chain. Shared, the whole process interns at most
+/// [`MAX_CACHED_NAMES`] strings.
+fn name_cache() -> &'static NameCache {
+    static CACHE: OnceLock<NameCache> = OnceLock::new();
+    CACHE.get_or_init(NameCache::new)
+}
+
+/// How many strings (span names and attribute values) the process-wide
+/// span-name cache holds: at most [`MAX_CACHED_NAMES`], however many
+/// channels and chains the process builds.
+pub fn interned_names() -> usize {
+    name_cache().cached.load(Ordering::Relaxed)
 }
 
 fn leak(s: &str) -> &'static str {
