@@ -853,3 +853,32 @@ async fn confirms_nack_unroutable_and_basic_get_receive() {
     conn.close(200, "bye".into()).await.ok();
     shutdown(vec![p]).await;
 }
+
+/// Two interceptors of one built-in type would overwrite each other's
+/// per-message state: the builder refuses such a chain, `try_build` with an
+/// error, `build` with a panic naming the type, before any message flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_with_a_built_in_interceptor_twice_is_refused() {
+    let conn = connect().await;
+    let builder = |ch| {
+        TracedChannel::builder(ch)
+            .with(TraceContext::default())
+            .with(MessagingSpans::default())
+            .with(MessagingSpans::default())
+    };
+    let Err(err) = builder(conn.create_channel().await.unwrap()).try_build() else {
+        panic!("a chain with MessagingSpans twice was built");
+    };
+    assert!(
+        err.to_string().contains("holds MessagingSpans twice"),
+        "{err}"
+    );
+    let ch = conn.create_channel().await.unwrap();
+    let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder(ch).build()))
+    else {
+        panic!("build() accepted MessagingSpans twice");
+    };
+    let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(text.contains("holds MessagingSpans twice"), "{text}");
+    conn.close(200, "bye".into()).await.ok();
+}

@@ -297,6 +297,10 @@ fn operation(pull: bool) -> &'static str {
 }
 
 impl Interceptor for AgentMetrics {
+    fn builtin_slot(&self) -> Option<&'static str> {
+        Some("AgentMetrics")
+    }
+
     fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
         self.inner.described.call_once(describe);
         let exchange = msg.exchange();

@@ -3,7 +3,7 @@
 
 use crate::confirm::PublisherConfirm;
 use crate::delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
-use crate::interceptor::{Interceptor, InterceptorChain};
+use crate::interceptor::{ChainError, Interceptor, InterceptorChain};
 use crate::message::{MessageState, PublishResult};
 use crate::propagation::TraceContext;
 use crate::spans::MessagingSpans;
@@ -259,11 +259,30 @@ impl TracedChannelBuilder {
     }
 
     /// Builds the channel.
+    ///
+    /// # Panics
+    /// When the chain holds one of the built-in interceptors
+    /// ([`MessagingSpans`], [`AgentMetrics`](crate::AgentMetrics),
+    /// [`TaskMetrics`](crate::TaskMetrics)) twice: their per-message state
+    /// would overwrite each other's, recording wrong span times and
+    /// outcomes. A configuration mistake, found when the channel is built,
+    /// never while messages flow; [`try_build`](Self::try_build) returns it
+    /// as an error instead.
+    #[allow(clippy::panic)]
     pub fn build(self) -> TracedChannel {
-        TracedChannel {
+        match self.try_build() {
+            Ok(channel) => channel,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Builds the channel, or says why its chain is unsound.
+    pub fn try_build(self) -> Result<TracedChannel, ChainError> {
+        InterceptorChain::check(&self.interceptors)?;
+        Ok(TracedChannel {
             inner: self.channel,
             chain: Arc::new(InterceptorChain::new(self.interceptors, self.agent)),
-        }
+        })
     }
 }
 

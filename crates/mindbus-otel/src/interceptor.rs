@@ -57,6 +57,15 @@ pub trait Interceptor: Send + Sync + 'static {
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
         let _ = (state, settlement);
     }
+
+    /// For the built-in interceptors whose per-message state the chain
+    /// keeps inline, one slot per type: their type's name. A chain may hold
+    /// each at most once ([`InterceptorChain::check`]). Not for other
+    /// interceptors, which keep their state in the message's extensions.
+    #[doc(hidden)]
+    fn builtin_slot(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl<T: Interceptor + ?Sized> Interceptor for Arc<T> {
@@ -71,6 +80,9 @@ impl<T: Interceptor + ?Sized> Interceptor for Arc<T> {
     }
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
         (**self).on_settle(state, settlement);
+    }
+    fn builtin_slot(&self) -> Option<&'static str> {
+        (**self).builtin_slot()
     }
 }
 
@@ -161,8 +173,65 @@ fn guarded(hook: &'static str, f: impl FnOnce()) {
     }
 }
 
+/// Why a chain cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChainError {
+    /// The chain holds two interceptors of one built-in type
+    /// ([`MessagingSpans`](crate::MessagingSpans),
+    /// [`AgentMetrics`](crate::AgentMetrics) or
+    /// [`TaskMetrics`](crate::TaskMetrics)): each keeps its per-message state
+    /// in one inline slot, which the second would overwrite.
+    Duplicate {
+        /// The type's name.
+        interceptor: &'static str,
+        /// Positions in the chain (0 = nearest the wire) of the two.
+        positions: (usize, usize),
+    },
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::Duplicate {
+                interceptor,
+                positions: (a, b),
+            } => write!(
+                f,
+                "mindbus-otel: the chain holds {interceptor} twice (interceptors {a} and {b}); \
+                 each built-in interceptor may appear once: configure one instance, or share \
+                 it between channels with `with_shared`"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ChainError {}
+
 impl InterceptorChain {
-    /// A chain of `interceptors` (nearest the wire first) for `agent`.
+    /// Checks that a list of interceptors makes a sound chain: each
+    /// built-in interceptor at most once.
+    pub fn check(interceptors: &[Arc<dyn Interceptor>]) -> Result<(), ChainError> {
+        for (b, later) in interceptors.iter().enumerate() {
+            let Some(slot) = later.builtin_slot() else {
+                continue;
+            };
+            if let Some(a) = interceptors[..b]
+                .iter()
+                .position(|i| i.builtin_slot() == Some(slot))
+            {
+                return Err(ChainError::Duplicate {
+                    interceptor: slot,
+                    positions: (a, b),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A chain of `interceptors` (nearest the wire first) for `agent`. It
+    /// does not [`check`](Self::check) them: a chain with a built-in
+    /// interceptor twice records wrong times and outcomes.
     pub fn new(interceptors: Vec<Arc<dyn Interceptor>>, agent: Option<Arc<str>>) -> Self {
         InterceptorChain {
             interceptors: interceptors.into_boxed_slice(),
@@ -272,6 +341,68 @@ impl InterceptorChain {
         state.mark_ended();
         for i in self.interceptors.iter().rev() {
             guarded("on_settle", || i.on_settle(state, settlement));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AgentMetrics, MessagingSpans, TaskMetrics, TraceContext};
+
+    fn arcs(list: Vec<Arc<dyn Interceptor>>) -> Vec<Arc<dyn Interceptor>> {
+        list
+    }
+
+    #[test]
+    fn a_built_in_interceptor_may_appear_once() {
+        let spans = MessagingSpans::new();
+        let standard = arcs(vec![
+            Arc::new(TraceContext::default()),
+            Arc::new(spans.clone()),
+            Arc::new(AgentMetrics::new()),
+            Arc::new(TaskMetrics::new()),
+            Arc::new(on_publish(|_| {})),
+            Arc::new(on_publish(|_| {})),
+        ]);
+        assert_eq!(InterceptorChain::check(&standard), Ok(()));
+        // Two TraceContexts keep no inline state: allowed.
+        let two_contexts = arcs(vec![
+            Arc::new(TraceContext::default()),
+            Arc::new(TraceContext::default()),
+        ]);
+        assert_eq!(InterceptorChain::check(&two_contexts), Ok(()));
+
+        let twice = arcs(vec![
+            Arc::new(TraceContext::default()),
+            Arc::new(spans.clone()),
+            Arc::new(AgentMetrics::new()),
+            // The same type behind an Arc, as `with(Arc::new(..))` adds it.
+            Arc::new(Arc::new(MessagingSpans::new())),
+        ]);
+        let err = InterceptorChain::check(&twice).unwrap_err();
+        assert_eq!(
+            err,
+            ChainError::Duplicate {
+                interceptor: "MessagingSpans",
+                positions: (1, 3)
+            }
+        );
+        assert!(
+            err.to_string().contains("holds MessagingSpans twice"),
+            "{err}"
+        );
+        for dup in [
+            arcs(vec![
+                Arc::new(AgentMetrics::new()),
+                Arc::new(AgentMetrics::new()),
+            ]),
+            arcs(vec![
+                Arc::new(TaskMetrics::new()),
+                Arc::new(TaskMetrics::new()),
+            ]),
+        ] {
+            assert!(InterceptorChain::check(&dup).is_err());
         }
     }
 }

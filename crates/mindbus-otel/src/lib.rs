@@ -127,8 +127,8 @@ pub use delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
 pub use envelope::{BodyFormat, Envelope, EnvelopeRef, MessageKind};
 pub use handler::{ConsumeStats, ConsumerHandle};
 pub use interceptor::{
-    Interceptor, InterceptorChain, hook_panics, on_delivery, on_publish, on_publish_result,
-    on_settle,
+    ChainError, Interceptor, InterceptorChain, hook_panics, on_delivery, on_publish,
+    on_publish_result, on_settle,
 };
 pub use message::{
     Direction, Extensions, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,

@@ -744,6 +744,10 @@ fn set_error(
 }
 
 impl Interceptor for MessagingSpans {
+    fn builtin_slot(&self) -> Option<&'static str> {
+        Some("MessagingSpans")
+    }
+
     fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
         let exchange = msg.exchange();
         let routing_key = msg.routing_key();

@@ -431,6 +431,10 @@ pub(crate) struct CommandOut {
 }
 
 impl Interceptor for TaskMetrics {
+    fn builtin_slot(&self) -> Option<&'static str> {
+        Some("TaskMetrics")
+    }
+
     fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
         let props = msg.properties();
         let correlation_id = props
