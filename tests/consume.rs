@@ -601,3 +601,390 @@ async fn acked_counts_after_the_settle_hooks() {
     delete_queue(&raw, queue.as_str()).await;
     conn.close(200, "bye".into()).await.ok();
 }
+
+// ------------------------------------------------------- every way to settle
+
+/// A traced channel with prefetch `n` whose settlements `recorder` sees.
+async fn prefetching(
+    conn: &mindbus_otel::lapin::Connection,
+    n: u16,
+    recorder: &Recorder,
+) -> TracedChannel {
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
+        .with(TraceContext::default())
+        .with(recorder.clone())
+        .build();
+    ch.basic_qos(n, BasicQosOptions::default()).await.unwrap();
+    ch
+}
+
+/// The next `n` deliveries of a stream consumer, all held unsettled.
+async fn hold(
+    consumer: &mut mindbus_otel::TracedConsumer,
+    n: usize,
+) -> Vec<mindbus_otel::TracedDelivery> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .unwrap();
+        held.push(d);
+    }
+    held
+}
+
+/// Messages ready in `queue` once nothing holds them: the channel that
+/// consumed them is closed first, so what it left unacked is requeued.
+async fn ready_after_close(raw: &Channel, queue: &str, consumer: &TracedChannel) -> u32 {
+    consumer.close(200, "bye".into()).await.ok();
+    let mut n = 0;
+    for _ in 0..50 {
+        n = message_count(raw, queue).await;
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n
+}
+
+/// `ack`/`nack` with `multiple: true` settle every earlier unsettled
+/// delivery at the broker; each of those ends once, with that outcome, at
+/// that time, whenever its `TracedDelivery` is dropped or settled later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiple_ack_and_nack_end_every_earlier_delivery_once() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.multiple").await;
+    let recorder = Recorder::default();
+    let ch = prefetching(&conn, 10, &recorder).await;
+    for i in 1..=6 {
+        raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
+    }
+    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
+    let mut held = hold(&mut consumer, 6).await;
+    let (d6, d5, d4) = (
+        held.pop().unwrap(),
+        held.pop().unwrap(),
+        held.pop().unwrap(),
+    );
+    let (d3, d2, d1) = (
+        held.pop().unwrap(),
+        held.pop().unwrap(),
+        held.pop().unwrap(),
+    );
+
+    let multiple_ack = BasicAckOptions { multiple: true };
+    assert!(d3.ack(multiple_ack).await.unwrap());
+    let acked_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(d1);
+    // Settling a covered delivery again is the caller's mistake (the broker
+    // would close the channel): the plugin reports the multiple ack.
+    drop(d2);
+    let nack_all = BasicNackOptions {
+        multiple: true,
+        requeue: false,
+    };
+    assert!(d6.nack(nack_all).await.unwrap());
+    let nacked_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop((d4, d5));
+
+    let mut got: Vec<(Vec<u8>, Outcome, bool, bool)> = recorder
+        .outcomes()
+        .into_iter()
+        .map(|s| (s.body, s.outcome, s.applied, s.error))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let nacked = Outcome::Nacked { requeue: false };
+    let want: Vec<(Vec<u8>, Outcome, bool, bool)> = [
+        ("m1", Outcome::Acked),
+        ("m2", Outcome::Acked),
+        ("m3", Outcome::Acked),
+        ("m4", nacked),
+        ("m5", nacked),
+        ("m6", nacked),
+    ]
+    .into_iter()
+    .map(|(b, o)| (b.as_bytes().to_vec(), o, true, false))
+    .collect();
+    assert_eq!(
+        got, want,
+        "each delivery ended once, with its multiple's outcome"
+    );
+    for s in recorder.outcomes() {
+        let by = if s.outcome == Outcome::Acked {
+            acked_at
+        } else {
+            nacked_at
+        };
+        assert!(
+            s.ended <= by,
+            "ended at the multiple settlement, not when dropped"
+        );
+    }
+    // Broker side: nothing left unacked (nothing requeued on close), the
+    // three nacked dead-lettered.
+    assert_eq!(ready_after_close(&raw, &dlx.queue, &ch).await, 0);
+    assert_eq!(drain(&raw, &dlx.dead, 3).await.len(), 3);
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// `basic_ack`/`basic_nack`/`basic_reject` by tag on the traced channel (a
+/// lapin method name, so `channel.basic_ack(..)` code keeps its meaning)
+/// end the deliveries they settle with that outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_by_tag_on_the_traced_channel_is_seen() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.bytag").await;
+    let recorder = Recorder::default();
+    let ch = prefetching(&conn, 5, &recorder).await;
+    for i in 1..=4 {
+        raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
+    }
+    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
+    let held = hold(&mut consumer, 4).await;
+    let tags: Vec<u64> = held.iter().map(|d| d.delivery_tag).collect();
+    ch.basic_ack(tags[0], BasicAckOptions::default())
+        .await
+        .unwrap();
+    ch.basic_reject(tags[1], BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let nack_all = BasicNackOptions {
+        multiple: true,
+        requeue: false,
+    };
+    ch.basic_nack(tags[3], nack_all).await.unwrap();
+    drop(held);
+
+    let mut got: Vec<(Vec<u8>, Outcome)> = recorder
+        .outcomes()
+        .into_iter()
+        .map(|s| (s.body, s.outcome))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let nacked = Outcome::Nacked { requeue: false };
+    assert_eq!(
+        got,
+        vec![
+            (b"m1".to_vec(), Outcome::Acked),
+            (b"m2".to_vec(), Outcome::Rejected { requeue: false }),
+            (b"m3".to_vec(), nacked),
+            (b"m4".to_vec(), nacked),
+        ]
+    );
+    assert_eq!(ready_after_close(&raw, &dlx.queue, &ch).await, 0);
+    assert_eq!(drain(&raw, &dlx.dead, 3).await.len(), 3);
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// A `consume_with` handler that settles its message itself (by tag on the
+/// traced channel, or through lapin's acker) is not settled a second time
+/// (that would close the channel), and no settlement error is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_settles_its_message_itself() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.self").await;
+    let recorder = Recorder::default();
+    let ch = prefetching(&conn, 5, &recorder).await;
+    for body in ["by-tag-ack", "by-tag-reject", "acker", "plugin"] {
+        raw_publish(&raw, &dlx.queue, body.as_bytes()).await;
+    }
+    let c = ch.clone();
+    let handle = ch
+        .consume_with(
+            dlx.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+            move |d| {
+                let c = c.clone();
+                async move {
+                    match &d.data[..] {
+                        b"by-tag-ack" => {
+                            c.basic_ack(d.delivery_tag, BasicAckOptions::default())
+                                .await
+                        }
+                        b"by-tag-reject" => {
+                            let reject = BasicRejectOptions { requeue: false };
+                            c.basic_reject(d.delivery_tag, reject).await
+                        }
+                        b"acker" => d.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
+                        _ => Ok(()),
+                    }
+                    .map_err(|e| e.to_string())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let stats = handle.stats().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || stats.acked()
+            + stats.nacked()
+            + stats.settled_by_handler()
+            == 4)
+        .await
+    );
+    let mut got: Vec<(Vec<u8>, Outcome, bool)> = recorder
+        .outcomes()
+        .into_iter()
+        .map(|s| (s.body, s.outcome, s.error || !s.applied))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            (b"acker".to_vec(), Outcome::SettledElsewhere, false),
+            (b"by-tag-ack".to_vec(), Outcome::Acked, false),
+            (
+                b"by-tag-reject".to_vec(),
+                Outcome::Rejected { requeue: false },
+                false
+            ),
+            (b"plugin".to_vec(), Outcome::Acked, false),
+        ]
+    );
+    assert_eq!(
+        (
+            stats.acked(),
+            stats.nacked(),
+            stats.settled_by_handler(),
+            stats.settle_errors()
+        ),
+        (2, 1, 1, 0)
+    );
+    assert!(ch.status().connected(), "no delivery was settled twice");
+    handle.cancel().await.unwrap();
+    assert_eq!(ready_after_close(&raw, &dlx.queue, &ch).await, 0);
+    assert_eq!(drain(&raw, &dlx.dead, 1).await.len(), 1);
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// After `basic_cancel`, deliveries in hand can still be settled (the
+/// broker keeps them unacked on the channel); one dropped unsettled is
+/// requeued when the channel closes. Each ends once, with what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_in_hand_at_cancel_end_with_what_happens_to_them() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.cancel").await;
+    let recorder = Recorder::default();
+    let ch = prefetching(&conn, 5, &recorder).await;
+    for i in 1..=3 {
+        raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
+    }
+    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
+    let mut held = hold(&mut consumer, 3).await;
+    ch.basic_cancel(consumer.tag(), Default::default())
+        .await
+        .unwrap();
+    let (d3, d2, d1) = (
+        held.pop().unwrap(),
+        held.pop().unwrap(),
+        held.pop().unwrap(),
+    );
+    assert!(d1.ack(BasicAckOptions::default()).await.unwrap());
+    let nack = BasicNackOptions {
+        requeue: false,
+        ..Default::default()
+    };
+    assert!(d2.nack(nack).await.unwrap());
+    drop(d3);
+    let mut got: Vec<(Vec<u8>, Outcome)> = recorder
+        .outcomes()
+        .into_iter()
+        .map(|s| (s.body, s.outcome))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            (b"m1".to_vec(), Outcome::Acked),
+            (b"m2".to_vec(), Outcome::Nacked { requeue: false }),
+            (b"m3".to_vec(), Outcome::Unsettled),
+        ]
+    );
+    assert_eq!(
+        ready_after_close(&raw, &dlx.queue, &ch).await,
+        1,
+        "m3 requeued"
+    );
+    assert_eq!(drain(&raw, &dlx.dead, 1).await.len(), 1);
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}
+
+/// Deliveries in hand when their channel, or their connection, closes:
+/// the broker requeues them; each ends once as unsettled, and a settlement
+/// tried after the close is reported as not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_in_hand_when_the_channel_or_connection_closes() {
+    for close_connection in [false, true] {
+        let conn = connect().await;
+        let raw = conn.create_channel().await.unwrap();
+        let dlx = Dlx::declare(&raw, "consume.closed").await;
+        let recorder = Recorder::default();
+        let consuming = connect().await;
+        let ch = prefetching(&consuming, 5, &recorder).await;
+        for i in 1..=3 {
+            raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
+        }
+        let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
+        let mut held = hold(&mut consumer, 3).await;
+        if close_connection {
+            consuming.close(200, "bye".into()).await.unwrap();
+        } else {
+            ch.close(200, "bye".into()).await.unwrap();
+        }
+        let (d3, d2, d1) = (
+            held.pop().unwrap(),
+            held.pop().unwrap(),
+            held.pop().unwrap(),
+        );
+        let late = d1.ack(BasicAckOptions::default()).await;
+        assert!(
+            !matches!(late, Ok(true)),
+            "nothing to ack on a closed channel: {late:?}"
+        );
+        drop((d2, d3));
+        let got: Vec<(Vec<u8>, Outcome, bool)> = {
+            let mut v: Vec<_> = recorder
+                .outcomes()
+                .into_iter()
+                .map(|s| (s.body, s.outcome, s.applied))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        assert_eq!(
+            got,
+            vec![
+                (b"m1".to_vec(), Outcome::Acked, false),
+                (b"m2".to_vec(), Outcome::Unsettled, false),
+                (b"m3".to_vec(), Outcome::Unsettled, false),
+            ],
+            "connection closed: {close_connection}"
+        );
+        let mut ready = 0;
+        for _ in 0..50 {
+            ready = message_count(&raw, &dlx.queue).await;
+            if ready == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ready, 3, "all three requeued");
+        dlx.delete(&raw).await;
+        conn.close(200, "bye".into()).await.ok();
+    }
+}

@@ -166,6 +166,12 @@ pub struct Settled {
     pub outcome: Outcome,
     pub failure: Option<String>,
     pub applied: bool,
+    /// The settlement call's own error, if it failed.
+    pub error: bool,
+    /// When the message's end hooks say it ended.
+    pub ended: std::time::Instant,
+    /// The payload, to tell messages apart.
+    pub body: Vec<u8>,
 }
 
 /// Records every settlement (an example of a user-written interceptor).
@@ -184,6 +190,8 @@ impl Interceptor for Recorder {
     fn on_delivery(&self, msg: &mut mindbus_otel::IncomingMessage<'_>) {
         // Reading the envelope fixes the kind for the settle hook.
         let _ = msg.envelope();
+        let body = msg.payload().to_vec();
+        msg.state_mut().extensions.insert(RecordedBody(body));
     }
 
     fn on_settle(&self, state: &mut MessageState, s: &Settlement<'_>) {
@@ -193,9 +201,18 @@ impl Interceptor for Recorder {
             outcome: s.outcome,
             failure,
             applied: s.applied,
+            error: s.error.is_some(),
+            ended: state.ended(),
+            body: state
+                .extensions
+                .get::<RecordedBody>()
+                .map(|b| b.0.clone())
+                .unwrap_or_default(),
         });
     }
 }
+
+struct RecordedBody(Vec<u8>);
 
 /// A handler-style consumer on `queue` whose handler acks every message.
 pub async fn consume_acking(ch: &TracedChannel, queue: &str) -> ConsumerHandle {

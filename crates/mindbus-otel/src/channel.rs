@@ -4,15 +4,19 @@
 use crate::confirm::PublisherConfirm;
 use crate::delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
 use crate::interceptor::{ChainError, Interceptor, InterceptorChain};
-use crate::message::{MessageState, PublishResult};
+use crate::message::{MessageState, Outcome, PublishResult};
 use crate::propagation::TraceContext;
 use crate::spans::MessagingSpans;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicRejectOptions,
+};
+use lapin::types::{DeliveryTag, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A lapin [`Channel`] with telemetry.
 ///
@@ -142,6 +146,64 @@ impl TracedChannel {
             queue_name,
             no_ack,
         ))
+    }
+
+    /// Acknowledges by delivery tag, as [`Channel::basic_ack`]. The
+    /// deliveries it settles (that one, or with `multiple: true` every
+    /// unsettled one up to it; tag 0 with `multiple`: all) end as acked
+    /// when next seen (see [`TracedDelivery`]); in a
+    /// [`consume_with`](Self::consume_with) handler, the plugin then does
+    /// not settle the message again.
+    pub async fn basic_ack(
+        &self,
+        delivery_tag: DeliveryTag,
+        options: BasicAckOptions,
+    ) -> lapin::Result<()> {
+        let res = self.inner.basic_ack(delivery_tag, options).await;
+        self.settled(delivery_tag, options.multiple, Outcome::Acked, &res);
+        res
+    }
+
+    /// Negatively acknowledges by delivery tag, as [`Channel::basic_nack`]
+    /// (see [`basic_ack`](Self::basic_ack) for the deliveries it ends).
+    pub async fn basic_nack(
+        &self,
+        delivery_tag: DeliveryTag,
+        options: BasicNackOptions,
+    ) -> lapin::Result<()> {
+        let res = self.inner.basic_nack(delivery_tag, options).await;
+        let outcome = Outcome::Nacked {
+            requeue: options.requeue,
+        };
+        self.settled(delivery_tag, options.multiple, outcome, &res);
+        res
+    }
+
+    /// Rejects by delivery tag, as [`Channel::basic_reject`] (see
+    /// [`basic_ack`](Self::basic_ack) for the delivery it ends).
+    pub async fn basic_reject(
+        &self,
+        delivery_tag: DeliveryTag,
+        options: BasicRejectOptions,
+    ) -> lapin::Result<()> {
+        let res = self.inner.basic_reject(delivery_tag, options).await;
+        let outcome = Outcome::Rejected {
+            requeue: options.requeue,
+        };
+        self.settled(delivery_tag, false, outcome, &res);
+        res
+    }
+
+    fn settled(&self, tag: DeliveryTag, multiple: bool, outcome: Outcome, res: &lapin::Result<()>) {
+        if res.is_err() {
+            return;
+        }
+        let (lo, hi) = match (multiple, tag) {
+            (true, 0) => (0, u64::MAX),
+            (true, _) => (0, tag),
+            (false, _) => (tag, tag),
+        };
+        self.chain.settles.record(lo, hi, outcome, Instant::now());
     }
 
     /// Fetches one message, as [`Channel::basic_get`].

@@ -25,9 +25,17 @@ fn empty_context() -> &'static Context {
 /// or [`reject`](TracedDelivery::reject): they call lapin, then run the
 /// settle hooks with the outcome (a CONSUMER span ends there). Dropping it
 /// unsettled runs them with [`Outcome::Unsettled`] (or
-/// [`Outcome::AutoAck`] for a `no_ack` consumer). Settling through
-/// `delivery.acker` directly bypasses the hooks' outcome: the drop then
-/// reports [`Outcome::SettledElsewhere`].
+/// [`Outcome::AutoAck`] for a `no_ack` consumer).
+///
+/// Settling it otherwise is seen too, when it is settled or dropped:
+/// - by an `ack`/`nack` with `multiple: true` of a later delivery of the
+///   same channel, or by the [`TracedChannel`](crate::TracedChannel)'s
+///   `basic_ack`/`basic_nack`/`basic_reject` with its tag: it ends with
+///   that outcome, at that time;
+/// - through lapin directly (`delivery.acker`, or `basic_ack` on the lapin
+///   [`Channel`](lapin::Channel)): it ends as [`Outcome::SettledElsewhere`]
+///   when its acker was used, else (lapin's channel-level calls leave no
+///   trace on the delivery) as [`Outcome::Unsettled`].
 pub struct TracedDelivery {
     delivery: Delivery,
     state: Option<MessageState>,
@@ -73,22 +81,24 @@ impl TracedDelivery {
         &self.delivery
     }
 
-    /// Acknowledges it, as [`Acker::ack`](lapin::Acker::ack).
+    /// Acknowledges it, as [`Acker::ack`](lapin::Acker::ack). With
+    /// `multiple: true`, every earlier unsettled delivery of the channel
+    /// ends as acked too.
     pub async fn ack(mut self, options: BasicAckOptions) -> lapin::Result<bool> {
         let res = self.delivery.acker.ack(options).await;
-        self.finish(Outcome::Acked, &res);
+        self.finish(Outcome::Acked, &res, options.multiple);
         res
     }
 
     /// Negatively acknowledges it, as [`Acker::nack`](lapin::Acker::nack).
+    /// With `multiple: true`, every earlier unsettled delivery of the
+    /// channel ends as nacked too.
     pub async fn nack(mut self, options: BasicNackOptions) -> lapin::Result<bool> {
         let res = self.delivery.acker.nack(options).await;
-        self.finish(
-            Outcome::Nacked {
-                requeue: options.requeue,
-            },
-            &res,
-        );
+        let outcome = Outcome::Nacked {
+            requeue: options.requeue,
+        };
+        self.finish(outcome, &res, options.multiple);
         res
     }
 
@@ -100,26 +110,49 @@ impl TracedDelivery {
                 requeue: options.requeue,
             },
             &res,
+            false,
         );
         res
     }
 
-    fn finish(&mut self, outcome: Outcome, res: &lapin::Result<bool>) {
-        if let Some(mut state) = self.state.take() {
-            let settlement = Settlement {
-                outcome,
-                failure: None,
-                error: res.as_ref().err(),
-                applied: matches!(res, Ok(true)),
-            };
-            self.chain.settle(&mut state, &settlement);
+    fn finish(&mut self, outcome: Outcome, res: &lapin::Result<bool>, multiple: bool) {
+        let Some(mut state) = self.state.take() else {
+            return;
+        };
+        let tag = self.delivery.delivery_tag;
+        if multiple && matches!(res, Ok(true)) {
+            // Every earlier delivery of the channel still unsettled.
+            let settles = &self.chain.settles;
+            settles.record(0, tag.saturating_sub(1), outcome, std::time::Instant::now());
         }
+        // Settled already, by a multiple or by-tag settlement: that one
+        // counts (this call, if lapin sent it, is the caller's to answer).
+        if let Some((earlier, at)) = self.chain.settles.claim(tag, state.started()) {
+            state.mark_ended_at(at);
+            self.chain.settle(&mut state, &Settlement::new(earlier));
+            return;
+        }
+        let settlement = Settlement {
+            outcome,
+            failure: None,
+            error: res.as_ref().err(),
+            applied: matches!(res, Ok(true)),
+        };
+        self.chain.settle(&mut state, &settlement);
     }
 }
 
 impl Drop for TracedDelivery {
     fn drop(&mut self) {
         if let Some(mut state) = self.state.take() {
+            let tag = self.delivery.delivery_tag;
+            if !self.no_ack
+                && let Some((outcome, at)) = self.chain.settles.claim(tag, state.started())
+            {
+                state.mark_ended_at(at);
+                self.chain.settle(&mut state, &Settlement::new(outcome));
+                return;
+            }
             let acker = &self.delivery.acker;
             let outcome = if self.no_ack {
                 Outcome::AutoAck

@@ -9,6 +9,16 @@
 //! | `Err(e)` | `basic.nack(requeue = false)`: dead-lettered when the queue has a DLX | [`Outcome::Nacked`] and [`HandlerFailure::Error`] |
 //! | panics | caught; `basic.nack(requeue = false)`; counted and logged | [`Outcome::Nacked`] and [`HandlerFailure::Panic`] |
 //! | (`no_ack` consumer) | nothing to send | [`Outcome::AutoAck`] |
+//! | settled the message itself | nothing more | see below |
+//!
+//! A handler may settle its message itself; the plugin then does not
+//! settle it again (a second ack of one delivery tag would close the
+//! channel). Through the [`TracedChannel`]'s `basic_ack` / `basic_nack` /
+//! `basic_reject` with `delivery.delivery_tag`, the hooks see that outcome,
+//! at that time. Through lapin's `delivery.acker` they see
+//! [`Outcome::SettledElsewhere`] (settled, not by the plugin, outcome
+//! unknown), without an error. Lapin's own channel-level calls leave no
+//! trace the plugin can see: do not use them here.
 //!
 //! The handler future runs inside the message's OpenTelemetry context, so
 //! `Context::current()` in it (also after an `.await`) is the CONSUMER span
@@ -46,6 +56,7 @@ pub struct ConsumeStats {
     handler_errors: AtomicU64,
     panics: AtomicU64,
     settle_errors: AtomicU64,
+    settled_by_handler: AtomicU64,
 }
 
 impl ConsumeStats {
@@ -53,14 +64,16 @@ impl ConsumeStats {
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }
-    /// Messages acked after the handler returned `Ok`. Counted after the
-    /// settle hooks ran: once this reads `n`, the spans and metrics of those
-    /// `n` messages are recorded.
+    /// Messages acked: by the plugin after the handler returned `Ok`, or by
+    /// the handler itself through the traced channel's `basic_ack`. Counted
+    /// after the settle hooks ran: once this reads `n`, the spans and
+    /// metrics of those `n` messages are recorded.
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Acquire)
     }
-    /// Messages nacked (requeue = false) after an `Err` or a panic; counted
-    /// after the settle hooks ran, as [`acked`](Self::acked).
+    /// Messages nacked (requeue = false) after an `Err` or a panic, or
+    /// nacked or rejected by the handler itself through the traced channel;
+    /// counted after the settle hooks ran, as [`acked`](Self::acked).
     pub fn nacked(&self) -> u64 {
         self.nacked.load(Ordering::Acquire)
     }
@@ -77,6 +90,13 @@ impl ConsumeStats {
     /// channel is gone) did not send it. The broker redelivers those.
     pub fn settle_errors(&self) -> u64 {
         self.settle_errors.load(Ordering::Relaxed)
+    }
+    /// Messages the handler settled through lapin's `delivery.acker`
+    /// (outcome unknown to the plugin, so neither acked nor nacked here).
+    /// Those it settled through the traced channel's `basic_ack` /
+    /// `basic_nack` / `basic_reject` count as acked or nacked.
+    pub fn settled_by_handler(&self) -> u64 {
+        self.settled_by_handler.load(Ordering::Acquire)
     }
 }
 
@@ -229,6 +249,7 @@ async fn run_handler<F, Fut, E>(
             chain: &chain,
         };
         let acker = delivery.acker.clone();
+        let tag = delivery.delivery_tag;
         let cx = state.context();
 
         // A handler may panic when called or while polled: both are caught.
@@ -262,6 +283,31 @@ async fn run_handler<F, Fut, E>(
             }
         };
 
+        // Settled by the handler itself: by tag on the traced channel (its
+        // outcome is known), or through lapin's acker (it is not).
+        let started = state.state.as_ref().map(|s| s.started());
+        let by_handler = match started.and_then(|t| chain.settles.claim(tag, t)) {
+            _ if no_ack => None,
+            Some(claimed) => Some(claimed),
+            None if !acker.usable() && !acker.poisoned() => {
+                Some((Outcome::SettledElsewhere, std::time::Instant::now()))
+            }
+            None => None,
+        };
+        if let Some((outcome, at)) = by_handler {
+            if let Some(mut state) = state.state.take() {
+                state.mark_ended_at(at);
+                let mut settlement = Settlement::new(outcome);
+                settlement.failure = failure;
+                chain.settle(&mut state, &settlement);
+            }
+            match outcome {
+                Outcome::Acked => bump(&stats.acked),
+                Outcome::Nacked { .. } | Outcome::Rejected { .. } => bump(&stats.nacked),
+                _ => bump(&stats.settled_by_handler),
+            }
+            continue;
+        }
         let (outcome, res, counter) = if no_ack {
             (Outcome::AutoAck, Ok(true), None)
         } else if failure.is_none() {

@@ -27,6 +27,7 @@
 use crate::message::{
     Direction, IncomingMessage, MessageState, OutgoingMessage, PublishResult, Settlement,
 };
+use crate::settles::Settles;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, message::Delivery};
 use opentelemetry::Context;
@@ -151,6 +152,8 @@ pub fn hook_panics() -> u64 {
 pub struct InterceptorChain {
     interceptors: Box<[Arc<dyn Interceptor>]>,
     agent: Option<Arc<str>>,
+    /// Settlements of this channel's deliveries by tag range.
+    pub(crate) settles: Settles,
 }
 
 impl fmt::Debug for InterceptorChain {
@@ -236,6 +239,7 @@ impl InterceptorChain {
         InterceptorChain {
             interceptors: interceptors.into_boxed_slice(),
             agent,
+            settles: Settles::default(),
         }
     }
 

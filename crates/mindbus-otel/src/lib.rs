@@ -111,6 +111,7 @@ pub mod labels;
 pub mod message;
 pub mod propagation;
 pub mod semconv;
+mod settles;
 pub mod spans;
 pub mod task_metrics;
 pub mod w3c;

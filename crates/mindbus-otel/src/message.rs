@@ -233,6 +233,14 @@ impl MessageState {
         }
     }
 
+    /// Sets the end time to `at` (a settlement made earlier, for this
+    /// message among others), unless the end hooks have read the clock.
+    pub(crate) fn mark_ended_at(&mut self, at: Instant) {
+        if self.ended.is_none() {
+            self.ended = Some(at.max(self.started));
+        }
+    }
+
     /// This process's agent identity, as configured on the channel builder.
     pub fn agent(&self) -> Option<&str> {
         self.agent.as_deref()
@@ -432,7 +440,9 @@ pub enum Outcome {
     /// closes, then the broker requeues it).
     Unsettled,
     /// Settled through lapin's `Acker` directly, bypassing the wrapper: the
-    /// outcome is unknown to the hooks.
+    /// outcome is unknown to the hooks. Also a delivery covered by a
+    /// `multiple` settlement the channel no longer remembers (past its
+    /// last 1,024 by-tag or multiple settlements).
     SettledElsewhere,
 }
 
