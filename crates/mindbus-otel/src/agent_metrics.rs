@@ -485,3 +485,100 @@ impl Interceptor for AgentMetrics {
         self.in_flight(own, -1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interceptor::InterceptorChain;
+    use lapin::BasicProperties;
+    use lapin::message::Delivery;
+    use lapin::options::BasicPublishOptions;
+
+    fn publish(
+        chain: &InterceptorChain,
+        exchange: &str,
+        key: &str,
+        body: &str,
+        props: BasicProperties,
+    ) {
+        let opts = BasicPublishOptions::default();
+        let (_, mut state) = chain.start_publish(exchange, key, opts, body.as_bytes(), props);
+        chain.end_publish(&mut state, &PublishResult::Sent);
+    }
+
+    fn event(kind: &str, source: &str) -> String {
+        format!(r#"{{"specversion":"1.0","type":"ai.team.{kind}","source":"{source}","id":"i1"}}"#)
+    }
+
+    /// `peer` of what an agent sends: the addressed role, the CONTROL
+    /// target, the sender of the COMMAND a reply answers (only while that
+    /// COMMAND is in hand), else `unknown`.
+    #[test]
+    fn the_peer_of_each_kind_of_message() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let am = AgentMetrics::new();
+        metrics::with_local_recorder(&recorder, || {
+            let agent: Option<Arc<str>> = Some(Arc::from("agent.writer.001"));
+            let chain = InterceptorChain::new(vec![Arc::new(am.clone())], agent);
+            let none = BasicProperties::default;
+            publish(
+                &chain,
+                "mindbus.main",
+                "cmd.critic.any",
+                &event("command", "w"),
+                none(),
+            );
+            publish(
+                &chain,
+                "mindbus.main",
+                "ctl.all.stop",
+                &event("control", "w"),
+                none(),
+            );
+            publish(
+                &chain,
+                "mindbus.main",
+                "evt.task.done",
+                &event("event", "w"),
+                none(),
+            );
+
+            // A COMMAND in hand: its reply's peer is the COMMAND's sender.
+            let mut cmd = Delivery::mock(
+                1,
+                "mindbus.main".into(),
+                "cmd.writer.any".into(),
+                false,
+                event("command", "orchestrator-core").into_bytes(),
+            );
+            cmd.properties = BasicProperties::default()
+                .with_reply_to("amq.gen-1".into())
+                .with_correlation_id("c1".into());
+            let mut state = chain.start_delivery(&cmd, "agent.writer", false);
+            assert_eq!(am.commands_in_flight(), 1);
+            let reply = || BasicProperties::default().with_correlation_id("c1".into());
+            publish(&chain, "", "amq.gen-1", &event("result", "w"), reply());
+            chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            assert_eq!(am.commands_in_flight(), 0, "forgotten at settlement");
+            // Once settled, a late reply no longer knows its recipient.
+            publish(&chain, "", "amq.gen-1", &event("error", "w"), reply());
+        });
+        let text = handle.render();
+        let line = |peer: &str, kind: &str, direction: &str, outcome: &str| {
+            format!(
+                "mindbus_messages_total{{agent=\"agent.writer.001\",peer=\"{peer}\",kind=\"{kind}\",direction=\"{direction}\",outcome=\"{outcome}\"}} 1"
+            )
+        };
+        for want in [
+            line("critic", "command", "sent", "ok"),
+            line("all", "control", "sent", "ok"),
+            line("unknown", "event", "sent", "ok"),
+            line("orchestrator-core", "command", "received", "acked"),
+            line("orchestrator-core", "result", "sent", "ok"),
+            line("unknown", "error", "sent", "ok"),
+        ] {
+            assert!(text.contains(&want), "no {want} in\n{text}");
+        }
+    }
+}
