@@ -604,67 +604,138 @@ async fn acked_counts_after_the_settle_hooks() {
 
 // ------------------------------------------------------- every way to settle
 
-/// A traced channel with prefetch `n` whose settlements `recorder` sees.
-async fn prefetching(
-    conn: &mindbus_otel::lapin::Connection,
-    n: u16,
-    recorder: &Recorder,
-) -> TracedChannel {
-    let ch = TracedChannel::builder(conn.create_channel().await.unwrap())
-        .with(TraceContext::default())
-        .with(recorder.clone())
-        .build();
-    ch.basic_qos(n, BasicQosOptions::default()).await.unwrap();
-    ch
+/// One settlement test's world: a dead-lettering queue holding `bodies`, a
+/// traced channel with prefetch 10 whose settlements `recorder` sees.
+struct Settling {
+    conn: mindbus_otel::lapin::Connection,
+    raw: Channel,
+    dlx: Dlx,
+    recorder: Recorder,
+    ch: TracedChannel,
 }
 
-/// The next `n` deliveries of a stream consumer, all held unsettled.
-async fn hold(
-    consumer: &mut mindbus_otel::TracedConsumer,
-    n: usize,
-) -> Vec<mindbus_otel::TracedDelivery> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-            .await
-            .expect("a delivery")
-            .unwrap()
-            .unwrap();
-        held.push(d);
+impl Settling {
+    async fn start(tag: &str, bodies: &[&str]) -> Settling {
+        Settling::start_on(None, tag, bodies).await
     }
-    held
-}
 
-/// Messages ready in `queue` once nothing holds them: the channel that
-/// consumed them is closed first, so what it left unacked is requeued.
-async fn ready_after_close(raw: &Channel, queue: &str, consumer: &TracedChannel) -> u32 {
-    consumer.close(200, "bye".into()).await.ok();
-    let mut n = 0;
-    for _ in 0..50 {
-        n = message_count(raw, queue).await;
-        if n > 0 {
-            break;
+    /// As [`start`](Self::start), the traced channel on `consuming` if given.
+    async fn start_on(
+        consuming: Option<&mindbus_otel::lapin::Connection>,
+        tag: &str,
+        bodies: &[&str],
+    ) -> Settling {
+        let conn = connect().await;
+        let raw = conn.create_channel().await.unwrap();
+        let dlx = Dlx::declare(&raw, tag).await;
+        let recorder = Recorder::default();
+        let traced = consuming.unwrap_or(&conn).create_channel().await.unwrap();
+        let ch = TracedChannel::builder(traced)
+            .with(TraceContext::default())
+            .with(recorder.clone())
+            .build();
+        ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+        for body in bodies {
+            raw_publish(&raw, &dlx.queue, body.as_bytes()).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Settling {
+            conn,
+            raw,
+            dlx,
+            recorder,
+            ch,
+        }
     }
-    n
+
+    /// A stream consumer and its first `n` deliveries, held unsettled.
+    async fn hold(
+        &self,
+        n: usize,
+    ) -> (
+        mindbus_otel::TracedConsumer,
+        Vec<mindbus_otel::TracedDelivery>,
+    ) {
+        let mut consumer = consume_stream(&self.ch, self.dlx.queue.as_str()).await;
+        let mut held = Vec::new();
+        for _ in 0..n {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("a delivery")
+                .unwrap()
+                .unwrap();
+            held.push(d);
+        }
+        (consumer, held)
+    }
+
+    /// Each settled message by body: its outcome, and whether the
+    /// settlement reached the broker without an error.
+    fn by_body(&self) -> Vec<(String, Outcome, bool)> {
+        let mut v: Vec<_> = self
+            .recorder
+            .outcomes()
+            .into_iter()
+            .map(|s| {
+                (
+                    String::from_utf8_lossy(&s.body).into_owned(),
+                    s.outcome,
+                    s.applied && !s.error,
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Messages ready in the queue once `settle` is given time to reach
+    /// the broker (up to a second for `want`).
+    async fn ready(&self, want: u32) -> u32 {
+        let mut n = 0;
+        for _ in 0..50 {
+            n = message_count(&self.raw, &self.dlx.queue).await;
+            if n == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    }
+
+    /// Closes the consuming channel (what it left unacked is requeued),
+    /// checks what the broker holds, and deletes the queues.
+    async fn finish(self, ready: u32, dead: usize) {
+        self.ch.close(200, "bye".into()).await.ok();
+        assert_eq!(
+            self.ready(ready).await,
+            ready,
+            "ready in the queue after the close"
+        );
+        assert_eq!(
+            drain(&self.raw, &self.dlx.dead, dead).await.len(),
+            dead,
+            "dead-lettered"
+        );
+        self.dlx.delete(&self.raw).await;
+        self.conn.close(200, "bye".into()).await.ok();
+    }
 }
+
+fn outcomes(list: &[(&str, Outcome, bool)]) -> Vec<(String, Outcome, bool)> {
+    list.iter()
+        .map(|(b, o, ok)| ((*b).to_owned(), *o, *ok))
+        .collect()
+}
+
+const NACKED: Outcome = Outcome::Nacked { requeue: false };
+const REJECTED: Outcome = Outcome::Rejected { requeue: false };
 
 /// `ack`/`nack` with `multiple: true` settle every earlier unsettled
 /// delivery at the broker; each of those ends once, with that outcome, at
 /// that time, whenever its `TracedDelivery` is dropped or settled later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multiple_ack_and_nack_end_every_earlier_delivery_once() {
-    let conn = connect().await;
-    let raw = conn.create_channel().await.unwrap();
-    let dlx = Dlx::declare(&raw, "consume.multiple").await;
-    let recorder = Recorder::default();
-    let ch = prefetching(&conn, 10, &recorder).await;
-    for i in 1..=6 {
-        raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
-    }
-    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
-    let mut held = hold(&mut consumer, 6).await;
+    let t = Settling::start("consume.multiple", &["m1", "m2", "m3", "m4", "m5", "m6"]).await;
+    let (_consumer, mut held) = t.hold(6).await;
     let (d6, d5, d4) = (
         held.pop().unwrap(),
         held.pop().unwrap(),
@@ -676,14 +747,10 @@ async fn multiple_ack_and_nack_end_every_earlier_delivery_once() {
         held.pop().unwrap(),
     );
 
-    let multiple_ack = BasicAckOptions { multiple: true };
-    assert!(d3.ack(multiple_ack).await.unwrap());
+    assert!(d3.ack(BasicAckOptions { multiple: true }).await.unwrap());
     let acked_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    drop(d1);
-    // Settling a covered delivery again is the caller's mistake (the broker
-    // would close the channel): the plugin reports the multiple ack.
-    drop(d2);
+    drop((d1, d2));
     let nack_all = BasicNackOptions {
         multiple: true,
         requeue: false,
@@ -693,45 +760,27 @@ async fn multiple_ack_and_nack_end_every_earlier_delivery_once() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop((d4, d5));
 
-    let mut got: Vec<(Vec<u8>, Outcome, bool, bool)> = recorder
-        .outcomes()
-        .into_iter()
-        .map(|s| (s.body, s.outcome, s.applied, s.error))
-        .collect();
-    got.sort_by(|a, b| a.0.cmp(&b.0));
-    let nacked = Outcome::Nacked { requeue: false };
-    let want: Vec<(Vec<u8>, Outcome, bool, bool)> = [
-        ("m1", Outcome::Acked),
-        ("m2", Outcome::Acked),
-        ("m3", Outcome::Acked),
-        ("m4", nacked),
-        ("m5", nacked),
-        ("m6", nacked),
-    ]
-    .into_iter()
-    .map(|(b, o)| (b.as_bytes().to_vec(), o, true, false))
-    .collect();
+    let ok = Outcome::Acked;
     assert_eq!(
-        got, want,
+        t.by_body(),
+        outcomes(&[
+            ("m1", ok, true),
+            ("m2", ok, true),
+            ("m3", ok, true),
+            ("m4", NACKED, true),
+            ("m5", NACKED, true),
+            ("m6", NACKED, true),
+        ]),
         "each delivery ended once, with its multiple's outcome"
     );
-    for s in recorder.outcomes() {
-        let by = if s.outcome == Outcome::Acked {
-            acked_at
-        } else {
-            nacked_at
-        };
+    for s in t.recorder.outcomes() {
+        let by = if s.outcome == ok { acked_at } else { nacked_at };
         assert!(
             s.ended <= by,
             "ended at the multiple settlement, not when dropped"
         );
     }
-    // Broker side: nothing left unacked (nothing requeued on close), the
-    // three nacked dead-lettered.
-    assert_eq!(ready_after_close(&raw, &dlx.queue, &ch).await, 0);
-    assert_eq!(drain(&raw, &dlx.dead, 3).await.len(), 3);
-    dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    t.finish(0, 3).await;
 }
 
 /// `basic_ack`/`basic_nack`/`basic_reject` by tag on the traced channel (a
@@ -739,50 +788,31 @@ async fn multiple_ack_and_nack_end_every_earlier_delivery_once() {
 /// end the deliveries they settle with that outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settling_by_tag_on_the_traced_channel_is_seen() {
-    let conn = connect().await;
-    let raw = conn.create_channel().await.unwrap();
-    let dlx = Dlx::declare(&raw, "consume.bytag").await;
-    let recorder = Recorder::default();
-    let ch = prefetching(&conn, 5, &recorder).await;
-    for i in 1..=4 {
-        raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
-    }
-    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
-    let held = hold(&mut consumer, 4).await;
+    let t = Settling::start("consume.bytag", &["m1", "m2", "m3", "m4"]).await;
+    let (_consumer, held) = t.hold(4).await;
     let tags: Vec<u64> = held.iter().map(|d| d.delivery_tag).collect();
-    ch.basic_ack(tags[0], BasicAckOptions::default())
+    t.ch.basic_ack(tags[0], BasicAckOptions::default())
         .await
         .unwrap();
-    ch.basic_reject(tags[1], BasicRejectOptions { requeue: false })
+    t.ch.basic_reject(tags[1], BasicRejectOptions { requeue: false })
         .await
         .unwrap();
     let nack_all = BasicNackOptions {
         multiple: true,
         requeue: false,
     };
-    ch.basic_nack(tags[3], nack_all).await.unwrap();
+    t.ch.basic_nack(tags[3], nack_all).await.unwrap();
     drop(held);
-
-    let mut got: Vec<(Vec<u8>, Outcome)> = recorder
-        .outcomes()
-        .into_iter()
-        .map(|s| (s.body, s.outcome))
-        .collect();
-    got.sort_by(|a, b| a.0.cmp(&b.0));
-    let nacked = Outcome::Nacked { requeue: false };
     assert_eq!(
-        got,
-        vec![
-            (b"m1".to_vec(), Outcome::Acked),
-            (b"m2".to_vec(), Outcome::Rejected { requeue: false }),
-            (b"m3".to_vec(), nacked),
-            (b"m4".to_vec(), nacked),
-        ]
+        t.by_body(),
+        outcomes(&[
+            ("m1", Outcome::Acked, true),
+            ("m2", REJECTED, true),
+            ("m3", NACKED, true),
+            ("m4", NACKED, true),
+        ])
     );
-    assert_eq!(ready_after_close(&raw, &dlx.queue, &ch).await, 0);
-    assert_eq!(drain(&raw, &dlx.dead, 3).await.len(), 3);
-    dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    t.finish(0, 3).await;
 }
 
 /// A `consume_with` handler that settles its message itself (by tag on the
@@ -790,32 +820,24 @@ async fn settling_by_tag_on_the_traced_channel_is_seen() {
 /// (that would close the channel), and no settlement error is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_settles_its_message_itself() {
-    let conn = connect().await;
-    let raw = conn.create_channel().await.unwrap();
-    let dlx = Dlx::declare(&raw, "consume.self").await;
-    let recorder = Recorder::default();
-    let ch = prefetching(&conn, 5, &recorder).await;
-    for body in ["by-tag-ack", "by-tag-reject", "acker", "plugin"] {
-        raw_publish(&raw, &dlx.queue, body.as_bytes()).await;
-    }
-    let c = ch.clone();
-    let handle = ch
-        .consume_with(
-            dlx.queue.as_str().into(),
+    let bodies = ["by-tag-ack", "by-tag-reject", "acker", "plugin"];
+    let t = Settling::start("consume.self", &bodies).await;
+    let c = t.ch.clone();
+    let handle =
+        t.ch.consume_with(
+            t.dlx.queue.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
             move |d| {
                 let c = c.clone();
                 async move {
+                    let tag = d.delivery_tag;
                     match &d.data[..] {
-                        b"by-tag-ack" => {
-                            c.basic_ack(d.delivery_tag, BasicAckOptions::default())
-                                .await
-                        }
+                        b"by-tag-ack" => c.basic_ack(tag, BasicAckOptions::default()).await,
                         b"by-tag-reject" => {
-                            let reject = BasicRejectOptions { requeue: false };
-                            c.basic_reject(d.delivery_tag, reject).await
+                            c.basic_reject(tag, BasicRejectOptions { requeue: false })
+                                .await
                         }
                         b"acker" => d.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
                         _ => Ok(()),
@@ -827,47 +849,22 @@ async fn a_handler_that_settles_its_message_itself() {
         .await
         .unwrap();
     let stats = handle.stats().clone();
-    assert!(
-        eventually(Duration::from_secs(10), || stats.acked()
-            + stats.nacked()
-            + stats.settled_by_handler()
-            == 4)
-        .await
-    );
-    let mut got: Vec<(Vec<u8>, Outcome, bool)> = recorder
-        .outcomes()
-        .into_iter()
-        .map(|s| (s.body, s.outcome, s.error || !s.applied))
-        .collect();
-    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let all_settled = || stats.acked() + stats.nacked() + stats.settled_by_handler() == 4;
+    assert!(eventually(Duration::from_secs(10), all_settled).await);
     assert_eq!(
-        got,
-        vec![
-            (b"acker".to_vec(), Outcome::SettledElsewhere, false),
-            (b"by-tag-ack".to_vec(), Outcome::Acked, false),
-            (
-                b"by-tag-reject".to_vec(),
-                Outcome::Rejected { requeue: false },
-                false
-            ),
-            (b"plugin".to_vec(), Outcome::Acked, false),
-        ]
+        t.by_body(),
+        outcomes(&[
+            ("acker", Outcome::SettledElsewhere, true),
+            ("by-tag-ack", Outcome::Acked, true),
+            ("by-tag-reject", REJECTED, true),
+            ("plugin", Outcome::Acked, true),
+        ])
     );
-    assert_eq!(
-        (
-            stats.acked(),
-            stats.nacked(),
-            stats.settled_by_handler(),
-            stats.settle_errors()
-        ),
-        (2, 1, 1, 0)
-    );
-    assert!(ch.status().connected(), "no delivery was settled twice");
+    let counts = (stats.acked(), stats.nacked(), stats.settled_by_handler());
+    assert_eq!((counts, stats.settle_errors()), ((2, 1, 1), 0));
+    assert!(t.ch.status().connected(), "no delivery was settled twice");
     handle.cancel().await.unwrap();
-    assert_eq!(ready_after_close(&raw, &dlx.queue, &ch).await, 0);
-    assert_eq!(drain(&raw, &dlx.dead, 1).await.len(), 1);
-    dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    t.finish(0, 1).await;
 }
 
 /// After `basic_cancel`, deliveries in hand can still be settled (the
@@ -875,17 +872,9 @@ async fn a_handler_that_settles_its_message_itself() {
 /// requeued when the channel closes. Each ends once, with what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_in_hand_at_cancel_end_with_what_happens_to_them() {
-    let conn = connect().await;
-    let raw = conn.create_channel().await.unwrap();
-    let dlx = Dlx::declare(&raw, "consume.cancel").await;
-    let recorder = Recorder::default();
-    let ch = prefetching(&conn, 5, &recorder).await;
-    for i in 1..=3 {
-        raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
-    }
-    let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
-    let mut held = hold(&mut consumer, 3).await;
-    ch.basic_cancel(consumer.tag(), Default::default())
+    let t = Settling::start("consume.cancel", &["m1", "m2", "m3"]).await;
+    let (consumer, mut held) = t.hold(3).await;
+    t.ch.basic_cancel(consumer.tag(), Default::default())
         .await
         .unwrap();
     let (d3, d2, d1) = (
@@ -900,28 +889,15 @@ async fn deliveries_in_hand_at_cancel_end_with_what_happens_to_them() {
     };
     assert!(d2.nack(nack).await.unwrap());
     drop(d3);
-    let mut got: Vec<(Vec<u8>, Outcome)> = recorder
-        .outcomes()
-        .into_iter()
-        .map(|s| (s.body, s.outcome))
-        .collect();
-    got.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
-        got,
-        vec![
-            (b"m1".to_vec(), Outcome::Acked),
-            (b"m2".to_vec(), Outcome::Nacked { requeue: false }),
-            (b"m3".to_vec(), Outcome::Unsettled),
-        ]
+        t.by_body(),
+        outcomes(&[
+            ("m1", Outcome::Acked, true),
+            ("m2", NACKED, true),
+            ("m3", Outcome::Unsettled, false),
+        ])
     );
-    assert_eq!(
-        ready_after_close(&raw, &dlx.queue, &ch).await,
-        1,
-        "m3 requeued"
-    );
-    assert_eq!(drain(&raw, &dlx.dead, 1).await.len(), 1);
-    dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    t.finish(1, 1).await;
 }
 
 /// Deliveries in hand when their channel, or their connection, closes:
@@ -930,21 +906,13 @@ async fn deliveries_in_hand_at_cancel_end_with_what_happens_to_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_in_hand_when_the_channel_or_connection_closes() {
     for close_connection in [false, true] {
-        let conn = connect().await;
-        let raw = conn.create_channel().await.unwrap();
-        let dlx = Dlx::declare(&raw, "consume.closed").await;
-        let recorder = Recorder::default();
         let consuming = connect().await;
-        let ch = prefetching(&consuming, 5, &recorder).await;
-        for i in 1..=3 {
-            raw_publish(&raw, &dlx.queue, format!("m{i}").as_bytes()).await;
-        }
-        let mut consumer = consume_stream(&ch, dlx.queue.as_str()).await;
-        let mut held = hold(&mut consumer, 3).await;
+        let t = Settling::start_on(Some(&consuming), "consume.closed", &["m1", "m2", "m3"]).await;
+        let (_consumer, mut held) = t.hold(3).await;
         if close_connection {
             consuming.close(200, "bye".into()).await.unwrap();
         } else {
-            ch.close(200, "bye".into()).await.unwrap();
+            t.ch.close(200, "bye".into()).await.unwrap();
         }
         let (d3, d2, d1) = (
             held.pop().unwrap(),
@@ -957,34 +925,15 @@ async fn deliveries_in_hand_when_the_channel_or_connection_closes() {
             "nothing to ack on a closed channel: {late:?}"
         );
         drop((d2, d3));
-        let got: Vec<(Vec<u8>, Outcome, bool)> = {
-            let mut v: Vec<_> = recorder
-                .outcomes()
-                .into_iter()
-                .map(|s| (s.body, s.outcome, s.applied))
-                .collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
         assert_eq!(
-            got,
-            vec![
-                (b"m1".to_vec(), Outcome::Acked, false),
-                (b"m2".to_vec(), Outcome::Unsettled, false),
-                (b"m3".to_vec(), Outcome::Unsettled, false),
-            ],
+            t.by_body(),
+            outcomes(&[
+                ("m1", Outcome::Acked, false),
+                ("m2", Outcome::Unsettled, false),
+                ("m3", Outcome::Unsettled, false),
+            ]),
             "connection closed: {close_connection}"
         );
-        let mut ready = 0;
-        for _ in 0..50 {
-            ready = message_count(&raw, &dlx.queue).await;
-            if ready == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(ready, 3, "all three requeued");
-        dlx.delete(&raw).await;
-        conn.close(200, "bye".into()).await.ok();
+        t.finish(3, 0).await;
     }
 }

@@ -307,17 +307,7 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
     wait_consuming(&conn, &format!("{prefix}agent.writer")).await;
-    let replies = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let replies = reply_queue(&ch).await;
 
     let header_sc = span_context();
     let body_sc = span_context();
@@ -329,7 +319,7 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
         });
         let tp = format!("00-{}-{}-01", sc.trace_id(), sc.span_id());
         let mut props = BasicProperties::default()
-            .with_reply_to(replies.name().clone())
+            .with_reply_to(replies.clone())
             .with_correlation_id(format!("cmd-{i}").into())
             .with_content_type("application/json".into());
         if i == 1 {
@@ -354,7 +344,7 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
     }
     let mut consumer = ch
         .basic_consume(
-            replies.name().clone(),
+            replies.clone(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -480,18 +470,8 @@ async fn reference_client_and_demo_share_a_role_queue_in_either_order() {
             declare_as_reference_client(&ch, &writer_q).await;
         }
 
-        let replies = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let reply_to = replies.name().as_str();
+        let replies = reply_queue(&ch).await;
+        let reply_to = replies.as_str();
         command_writer(
             &ch,
             &exchange,

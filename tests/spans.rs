@@ -11,7 +11,7 @@ use common::*;
 use futures_util::StreamExt;
 use mindbus_otel::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use mindbus_otel::lapin::types::{AMQPValue, FieldTable, ShortString};
 use mindbus_otel::lapin::{BasicProperties, Channel, Connection, ExchangeKind};
@@ -193,18 +193,8 @@ async fn scenario(proto: Proto, writer_error: bool) -> (SpanSet, Bus, [Messaging
     });
 
     // Orchestrator: a server-named reply queue, read in stream style.
-    let replies = orch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let reply_to: ShortString = replies.name().clone();
+    let replies = reply_queue(&orch).await;
+    let reply_to: ShortString = replies.clone();
     let mut reply_consumer = consume_stream(&orch, reply_to.as_str()).await;
 
     let task = orch_p.tracer("orchestrator").start("execute_task");

@@ -88,6 +88,23 @@ pub async fn declare_queue(ch: &Channel, name: &str, mut extra: FieldTable) -> S
     name.into()
 }
 
+/// A private, server-named reply queue (`amq.gen-*`), as an orchestrator
+/// declares one.
+pub async fn reply_queue(ch: &Channel) -> ShortString {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue_declare");
+    q.name().clone()
+}
+
 /// Messages ready in a queue (passive declare).
 pub async fn message_count(ch: &Channel, name: &str) -> u32 {
     ch.queue_declare(
