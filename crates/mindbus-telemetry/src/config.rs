@@ -278,6 +278,7 @@ pub struct Config {
     pub(crate) trace_view_output: TraceViewOutput,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) install_subscriber: bool,
+    pub(crate) dependency_spans: bool,
     pub(crate) install_tracer_provider: bool,
     pub(crate) warnings: Vec<String>,
 }
@@ -320,6 +321,7 @@ impl Config {
             trace_view_output: TraceViewOutput::Stdout,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             install_subscriber: true,
+            dependency_spans: false,
             install_tracer_provider: true,
             warnings: Vec::new(),
         }
@@ -418,6 +420,16 @@ impl Config {
                 "text" | "pretty" | "full" | "compact" => config.log_format = LogFormat::Text,
                 _ => warnings.push(format!(
                     "LOG_FORMAT={value:?} is not supported (use `text` or `json`); using text"
+                )),
+            }
+        }
+
+        if let Some(value) = get("MINDBUS_DEPENDENCY_SPANS") {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "on" | "true" | "1" => config.dependency_spans = true,
+                "off" | "false" | "0" => config.dependency_spans = false,
+                _ => warnings.push(format!(
+                    "MINDBUS_DEPENDENCY_SPANS={value:?} is not supported (use on or off); using off"
                 )),
             }
         }
@@ -574,6 +586,17 @@ impl Config {
     /// The export timeout is capped to it.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Config {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Whether the `tracing` spans of the crates in
+    /// [`DEPENDENCY_SPAN_TARGETS`](crate::DEPENDENCY_SPAN_TARGETS) (lapin's
+    /// `io_loop`, h2, tonic, hyper, ...) become OpenTelemetry spans too
+    /// (default no: they would show up as traces of their own, under the
+    /// process's service, beside the ones the user cares about). Also
+    /// `MINDBUS_DEPENDENCY_SPANS=on`. Their log events are not affected.
+    pub fn dependency_spans(mut self, bridged: bool) -> Config {
+        self.dependency_spans = bridged;
         self
     }
 

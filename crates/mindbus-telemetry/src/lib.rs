@@ -100,6 +100,7 @@
 //! | `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` | `2048` | Most spans per export request |
 //! | `OTEL_BSP_EXPORT_TIMEOUT` | `3000` (ms, capped to the shutdown timeout) | Longest time one export (retries included) may take |
 //! | `MINDBUS_TRACE_VIEW` | `auto` | `on`, `off`, or `auto` (on when traces are not exported) |
+//! | `MINDBUS_DEPENDENCY_SPANS` | `off` | `on` also turns the `tracing` spans of lapin, h2, tonic, hyper, ... ([`DEPENDENCY_SPAN_TARGETS`]) into OpenTelemetry spans |
 //! | `METRICS_ADDR` | `127.0.0.1:9464` | Prometheus listen address; `off`/`none` disables the listener; a bare port listens on `127.0.0.1` |
 //! | `RUST_LOG` | `info` | Log and span filter, `EnvFilter` syntax |
 //! | `LOG_FORMAT` | `text` | `text` or `json` |
@@ -196,6 +197,41 @@ use crate::view::TraceView;
 
 /// Instrumentation scope of the `tracing` → OpenTelemetry bridge.
 const TRACING_SCOPE: &str = "mindbus-telemetry";
+
+/// Crates whose own `tracing` spans are not turned into OpenTelemetry spans
+/// unless [`Config::dependency_spans`] says so: the broker client, the HTTP/2
+/// and gRPC stacks the exporters use, the runtime and OpenTelemetry itself.
+/// A target matches when it is the crate's name or starts with `name::`.
+pub const DEPENDENCY_SPAN_TARGETS: &[&str] = &[
+    "lapin",
+    "amq_protocol",
+    "async_rs",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "tower_http",
+    "reqwest",
+    "rustls",
+    "tokio",
+    "tokio_util",
+    "mio",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "opentelemetry_http",
+    "tracing_opentelemetry",
+];
+
+/// Whether `target` belongs to one of [`DEPENDENCY_SPAN_TARGETS`].
+fn is_dependency(target: &str) -> bool {
+    DEPENDENCY_SPAN_TARGETS.iter().any(|name| {
+        target
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
 
 /// Extra time granted to an export over the OTLP exporter's own timeout, so that the
 /// exporter reports its own (more precise) error first.
@@ -316,8 +352,13 @@ pub fn init(config: Config) -> Result<Telemetry, Error> {
                 EnvFilter::new("info")
             }
         };
+        let bridge_dependencies = config.dependency_spans;
         let otel_layer = telemetry.tracer_provider.as_ref().map(|provider| {
-            tracing_opentelemetry::layer().with_tracer(provider.tracer(TRACING_SCOPE))
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(TRACING_SCOPE))
+                .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+                    bridge_dependencies || !(meta.is_span() && is_dependency(meta.target()))
+                }))
         });
         let format = logs::TraceAwareFormat {
             format: config.log_format,
@@ -689,5 +730,23 @@ mod tests {
         assert_send_sync::<super::Telemetry>();
         assert_send_sync::<super::Config>();
         assert_send_sync::<super::Error>();
+    }
+}
+
+#[cfg(test)]
+mod dependency_tests {
+    use super::is_dependency;
+
+    #[test]
+    fn dependency_targets_match_whole_crate_names() {
+        assert!(is_dependency("lapin"));
+        assert!(is_dependency("lapin::io_loop"));
+        assert!(is_dependency("h2::proto::streams"));
+        assert!(
+            !is_dependency("lapinous::x"),
+            "a prefix of a name is not the crate"
+        );
+        assert!(!is_dependency("ai_team"));
+        assert!(!is_dependency("mindbus_otel::spans"));
     }
 }
