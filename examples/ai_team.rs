@@ -871,7 +871,9 @@ async fn main() -> Result<(), BoxError> {
     let service = args.role.clone().unwrap_or_else(|| "ai_team".to_owned());
     // Each task's trace tree is captured and printed after the task (also
     // when spans go to a collector); MINDBUS_TRACE_VIEW=off turns it off.
-    let mut config = mindbus_telemetry::Config::from_env().default_service_name(&service);
+    let mut config = mindbus_telemetry::Config::from_env()
+        .default_service_name(&service)
+        .service_version(env!("CARGO_PKG_VERSION"));
     if std::env::var("MINDBUS_TRACE_VIEW").is_err() {
         config = config.trace_view(mindbus_telemetry::TraceViewMode::On);
     }

@@ -279,6 +279,7 @@ pub struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) install_subscriber: bool,
     pub(crate) dependency_spans: bool,
+    pub(crate) service_version: Option<String>,
     pub(crate) install_tracer_provider: bool,
     pub(crate) warnings: Vec<String>,
 }
@@ -322,6 +323,7 @@ impl Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             install_subscriber: true,
             dependency_spans: false,
+            service_version: None,
             install_tracer_provider: true,
             warnings: Vec::new(),
         }
@@ -459,6 +461,14 @@ impl Config {
     /// one (instead of `unknown_service`).
     pub fn default_service_name(mut self, name: impl Into<String>) -> Config {
         self.default_service_name = Some(name.into());
+        self
+    }
+
+    /// Sets `service.version` on every tracer and logger provider (e.g.
+    /// `env!("CARGO_PKG_VERSION")` of the application);
+    /// `OTEL_RESOURCE_ATTRIBUTES` can still override it.
+    pub fn service_version(mut self, version: impl Into<String>) -> Config {
+        self.service_version = Some(version.into());
         self
     }
 

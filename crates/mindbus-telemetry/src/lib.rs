@@ -86,7 +86,7 @@
 //! | Variable | Default | Meaning |
 //! |---|---|---|
 //! | `OTEL_SERVICE_NAME` | [`Config::default_service_name`], else `unknown_service` | `service.name` of the main tracer provider (a `service.name` in `OTEL_RESOURCE_ATTRIBUTES` comes next) |
-//! | `OTEL_RESOURCE_ATTRIBUTES` | none | Extra resource attributes, `key=value,key2=value2` (values percent-decoded), on every provider |
+//! | `OTEL_RESOURCE_ATTRIBUTES` | none | Extra resource attributes, `key=value,key2=value2` (values percent-decoded), on every provider; they override the detected `service.instance.id`, `service.version` ([`Config::service_version`]), `host.name`, `host.id`, `host.arch`, `os.type` and `process.pid` |
 //! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | none | Full traces URL, used as given |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | none | Base URL for every signal; `/v1/traces` (`/v1/logs`) is appended for `http/protobuf` |
 //! | `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf`, for traces |
@@ -224,6 +224,34 @@ pub const DEPENDENCY_SPAN_TARGETS: &[&str] = &[
     "tracing_opentelemetry",
 ];
 
+/// The resource attributes that tell one process from another, found once
+/// per process: `service.instance.id` (a UUIDv7), `host.name`, `host.id`,
+/// `host.arch`, `os.type`, `process.pid`, and `service.version` when the
+/// application gave one. Without a host, backends such as Jaeger take two
+/// services of one process for two hosts (and refuse to correct clock skew
+/// between them). `OTEL_RESOURCE_ATTRIBUTES` and
+/// [`Config::resource_attribute`] override each. Not detected on purpose:
+/// `process.command_args` (a command line may hold credentials).
+fn detect_resource(service_version: Option<&str>) -> Vec<KeyValue> {
+    use opentelemetry_resource_detectors::{
+        HostResourceDetector, OsResourceDetector, ServiceInstanceIdResourceDetector,
+    };
+    use opentelemetry_sdk::resource::ResourceDetector as _;
+    let mut attributes: Vec<KeyValue> = [
+        ServiceInstanceIdResourceDetector.detect(),
+        HostResourceDetector::default().detect(),
+        OsResourceDetector.detect(),
+    ]
+    .iter()
+    .flat_map(|r| r.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+    .collect();
+    attributes.push(KeyValue::new("process.pid", i64::from(std::process::id())));
+    if let Some(version) = service_version {
+        attributes.push(KeyValue::new("service.version", version.to_owned()));
+    }
+    attributes
+}
+
 /// Whether `target` belongs to one of [`DEPENDENCY_SPAN_TARGETS`].
 fn is_dependency(target: &str) -> bool {
     DEPENDENCY_SPAN_TARGETS.iter().any(|name| {
@@ -285,6 +313,7 @@ pub fn init(config: Config) -> Result<Telemetry, Error> {
         traces_target,
         batch,
         sampler: config.sampler,
+        detected: detect_resource(config.service_version.as_deref()),
         resource_attributes: config
             .extra_resource_attributes()
             .map(|(key, value)| (key.to_owned(), value.to_owned()))
@@ -445,6 +474,8 @@ pub struct Telemetry {
     traces_target: Option<OtlpTarget>,
     batch: BatchSettings,
     sampler: SamplerConfig,
+    /// What [`detect_resource`] found, once per process.
+    detected: Vec<KeyValue>,
     resource_attributes: Vec<(String, String)>,
     runtime: Option<Arc<BackgroundRuntime>>,
     view: Option<Arc<TraceView>>,
@@ -479,6 +510,7 @@ impl Telemetry {
             .with_detector(Box::new(
                 opentelemetry_sdk::resource::TelemetryResourceDetector,
             ))
+            .with_attributes(self.detected.iter().cloned())
             .with_attributes(
                 self.resource_attributes
                     .iter()

@@ -24,6 +24,8 @@ fn config(endpoint: String, protocol: OtlpProtocol) -> Config {
         .install_subscriber(false)
         .install_tracer_provider(false)
         .resource_attribute("deployment.environment", "test")
+        .service_version("1.2.3")
+        .resource_attribute("host.name", "overridden")
         .shutdown_timeout(Duration::from_secs(5))
 }
 
@@ -70,6 +72,36 @@ async fn round_trip(protocol: OtlpProtocol) {
     ] {
         let span = spans.one(name);
         assert_eq!(span.service_name.as_deref(), Some(service), "{name}");
+        // What tells this process from another: Jaeger needs a host to
+        // correct clock skew between two services of one process.
+        let attr = |key: &str| span.resource_attr(key).cloned();
+        let pid = i64::from(std::process::id());
+        assert_eq!(attr("process.pid").and_then(|v| v.as_i64()), Some(pid));
+        assert_eq!(
+            attr("os.type")
+                .and_then(|v| v.as_str().map(String::from))
+                .as_deref(),
+            Some("linux")
+        );
+        assert_eq!(
+            attr("service.version")
+                .and_then(|v| v.as_str().map(String::from))
+                .as_deref(),
+            Some("1.2.3")
+        );
+        assert_eq!(
+            attr("host.name")
+                .and_then(|v| v.as_str().map(String::from))
+                .as_deref(),
+            Some("overridden"),
+            "a configured attribute overrides a detected one"
+        );
+        let instance = attr("service.instance.id").and_then(|v| v.as_str().map(String::from));
+        assert_eq!(instance.as_deref().map(str::len), Some(36), "{instance:?}");
+        assert!(
+            attr("process.command_args").is_none(),
+            "no command line: it may hold secrets"
+        );
         assert!(
             span.resource
                 .iter()
