@@ -711,6 +711,10 @@ async fn cloudevents_only_context_and_link_only_events() {
     assert_eq!(cmd.parent_span_id, Some(sc.span_id()));
     assert_eq!(cmd.links.len(), 1);
     assert_eq!(cmd.links[0].span_id, sc.span_id());
+    // Parent and link at once: the link says so, or Jaeger shows the
+    // reference as FOLLOWS_FROM and leaves the agent off the critical path.
+    let ref_type = cmd.links[0].attr("opentracing.ref_type");
+    assert_eq!(ref_type.and_then(|v| v.as_str()), Some("child_of"));
 
     let ev = spans.one_where(
         |s| s.attr_str("mindbus.message.kind") == Some("event"),
@@ -721,6 +725,10 @@ async fn cloudevents_only_context_and_link_only_events() {
     assert_eq!(ev.links.len(), 1);
     assert_eq!(ev.links[0].trace_id, ev_sc.trace_id());
     assert_eq!(ev.links[0].span_id, ev_sc.span_id());
+    assert!(
+        ev.links[0].attr("opentracing.ref_type").is_none(),
+        "a link only"
+    );
     conn.close(200, "bye".into()).await.ok();
     shutdown(vec![p]).await;
 }

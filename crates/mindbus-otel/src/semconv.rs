@@ -62,6 +62,12 @@ pub const MINDBUS_MESSAGE_BODY: &str = "mindbus.message.body";
 /// `mindbus.rpc.parent`: how a RESULT/ERROR found its COMMAND's span
 /// (`current` context or `in_flight` match).
 pub const MINDBUS_RPC_PARENT: &str = "mindbus.rpc.parent";
+/// `opentracing.ref_type` (semantic conventions, OpenTracing
+/// compatibility): on a CONSUMER span's link to its producer when the
+/// producer is also its parent, so Jaeger shows the reference as `CHILD_OF`.
+pub const OPENTRACING_REF_TYPE: &str = "opentracing.ref_type";
+/// The `child_of` value of [`OPENTRACING_REF_TYPE`].
+pub const CHILD_OF: &str = "child_of";
 
 /// `cloudevents.event_id`.
 pub const CLOUDEVENTS_EVENT_ID: &str = "cloudevents.event_id";

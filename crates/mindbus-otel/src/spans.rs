@@ -903,9 +903,11 @@ impl Interceptor for MessagingSpans {
         let ambient = pull
             .then(Context::current)
             .filter(|cx| cx.span().span_context().is_valid());
+        // Whether the producer is the parent as well as the link.
+        let producer_parents = ambient.is_none() && !self.inner.link_only[kind.index()];
         let parent = if let Some(ambient) = ambient {
             with_baggage_of(&remote, ambient)
-        } else if self.inner.link_only[kind.index()] {
+        } else if !producer_parents {
             with_baggage_of(&remote, Context::new())
         } else {
             remote
@@ -928,7 +930,17 @@ impl Interceptor for MessagingSpans {
         let start = clock::system_time(msg.state().started());
         let mut builder = builder(name, SpanKind::Consumer, attrs, start);
         if producer.is_valid() {
-            builder = builder.with_links(vec![Link::with_context(producer)]);
+            // The conventions' link to the creation context. When the
+            // producer is the parent too, the link says so: backends of the
+            // OpenTracing model (Jaeger) turn a parent that is also linked
+            // into the link's reference type, FOLLOWS_FROM by default, and
+            // leave FOLLOWS_FROM spans off the critical path.
+            let attributes = if producer_parents {
+                vec![KeyValue::new(OPENTRACING_REF_TYPE, CHILD_OF)]
+            } else {
+                Vec::new()
+            };
+            builder = builder.with_links(vec![Link::new(producer, attributes, 0)]);
         }
         let mut span = self.start(builder, &parent);
         if span.is_recording() {
