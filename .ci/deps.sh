@@ -2,13 +2,25 @@
 # What the demo and the tests need on this machine: installed when missing,
 # started when down. `bash .ci/deps.sh` on its own, or through `.ci/run`.
 #
-# Idempotent: on a ready machine it installs nothing, runs no `apt-get update`
-# and returns at once (two port probes). Each failure is one line on stderr
-# naming what is missing and the command that fixes it, then exit 1.
+#   bash .ci/deps.sh         RabbitMQ (Debian's rabbitmq-server) on 127.0.0.1:5672,
+#                            with the management API on 127.0.0.1:15672
+#   bash .ci/deps.sh --all   also Jaeger v2 and the OpenTelemetry Collector, built
+#                            from their Go modules into $MINDBUS_TOOLS (default
+#                            ~/.cache/mindbus-otel), once per version: about
+#                            10 minutes the first time; the end-to-end tests use them
 #
-# Today: RabbitMQ (Debian's rabbitmq-server) on 127.0.0.1:5672 with the
-# management plugin on 127.0.0.1:15672.
+# Idempotent: on a ready machine it installs nothing, runs no `apt-get update`
+# and returns at once. Each failure is one line on stderr naming what is
+# missing and the command that fixes it, then exit 1.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+all=
+case "${1:-}" in
+  --all) all=1 ;;
+  "") ;;
+  *) echo "usage: bash .ci/deps.sh [--all]" >&2; exit 2 ;;
+esac
 
 fail() { echo "deps: $*" >&2; exit 1; }
 port_answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -58,5 +70,55 @@ if ! port_answers 15672; then
     || fail "the RabbitMQ management API is off: run 'rabbitmq-plugins enable rabbitmq_management' to see why it fails"
   wait_port 15672 60 \
     || fail "the RabbitMQ management API does not answer on 127.0.0.1:15672: run 'rabbitmq-plugins enable rabbitmq_management'"
+fi
+
+# --- Jaeger v2 and the OpenTelemetry Collector (--all) ------------------------
+# Versions: one place. The Jaeger Go module v1.75.0 is Jaeger 2.12.
+JAEGER_MODULE=v1.75.0
+COLLECTOR_BUILDER=v0.165.0
+TOOLS="${MINDBUS_TOOLS:-$HOME/.cache/mindbus-otel}"
+
+build_jaeger() { # -> $TOOLS/jaeger-$JAEGER_MODULE/jaeger
+  local dir="$TOOLS/jaeger-$JAEGER_MODULE"
+  [ -x "$dir/jaeger" ] && return 0
+  command -v go >/dev/null || fail "go is missing: install Go 1.26 (Jaeger is built from its Go module)"
+  echo "deps: building Jaeger $JAEGER_MODULE (about 7 minutes, once)"
+  local work; work=$(mktemp -d)
+  # `go install` refuses Jaeger's module (its go.mod has a replace
+  # directive): build it as a tool of a throw-away module instead.
+  ( cd "$work" && go mod init jaegerbuild >/dev/null 2>&1 \
+      && go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_MODULE" >/dev/null 2>&1 \
+      && go build -o jaeger github.com/jaegertracing/jaeger/cmd/jaeger ) \
+    || fail "building Jaeger failed: run, in an empty folder, 'go mod init j && go get -tool github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_MODULE && go build github.com/jaegertracing/jaeger/cmd/jaeger' to see why"
+  mkdir -p "$dir" && mv "$work/jaeger" "$dir/jaeger" && rm -rf "$work"
+}
+
+build_collector() { # -> $TOOLS/otelcol-<manifest hash>/otelcol-mindbus
+  local manifest=deploy/otel-collector/builder.yaml hash dir
+  hash=$(sha256sum "$manifest" | cut -c1-16)
+  dir="$TOOLS/otelcol-$hash"
+  OTELCOL="$dir/otelcol-mindbus"
+  [ -x "$OTELCOL" ] && return 0
+  command -v go >/dev/null || fail "go is missing: install Go 1.26 (the collector is built with its builder)"
+  echo "deps: building the OpenTelemetry Collector from $manifest (about 2 minutes, once)"
+  local gobin="$TOOLS/go-bin"
+  [ -x "$gobin/builder" ] && "$gobin/builder" version 2>/dev/null | grep -q "${COLLECTOR_BUILDER#v}" \
+    || GOBIN="$gobin" go install "go.opentelemetry.io/collector/cmd/builder@$COLLECTOR_BUILDER" >/dev/null 2>&1 \
+    || fail "installing the collector builder failed: run 'go install go.opentelemetry.io/collector/cmd/builder@$COLLECTOR_BUILDER' to see why"
+  local work; work=$(mktemp -d)
+  cp "$manifest" "$work/builder.yaml"
+  ( cd "$work" && "$gobin/builder" --config builder.yaml >build.log 2>&1 ) \
+    || fail "building the collector failed: see $work/build.log, or run '$gobin/builder --config $manifest'"
+  mkdir -p "$dir" && mv "$work/otelcol-mindbus/otelcol-mindbus" "$OTELCOL" && rm -rf "$work"
+}
+
+if [ -n "$all" ]; then
+  build_jaeger
+  build_collector
+  # Stable names for the tests: $TOOLS/bin/jaeger and $TOOLS/bin/otelcol.
+  mkdir -p "$TOOLS/bin"
+  ln -sfn "$TOOLS/jaeger-$JAEGER_MODULE/jaeger" "$TOOLS/bin/jaeger"
+  ln -sfn "$OTELCOL" "$TOOLS/bin/otelcol"
+  echo "deps: ready (Jaeger and the collector in $TOOLS/bin)"
 fi
 echo "deps: ready (RabbitMQ on 127.0.0.1:5672, management API on 127.0.0.1:15672)"

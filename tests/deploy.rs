@@ -7,6 +7,8 @@
 
 #[path = "common/dashboards.rs"]
 mod dashboards;
+#[path = "common/tools.rs"]
+mod tools;
 
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
@@ -497,6 +499,26 @@ fn env_example_defines_every_compose_variable() {
 
 // ------------------------------------------------------------------ collector
 
+/// A config value as compose runs it: `${env:NAME:-default}` (the form the
+/// collector and Jaeger configs use so that tests can move their ports)
+/// reads its default, since compose sets none of those variables.
+fn compose_value(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find("${env:") {
+        out.push_str(&rest[..at]);
+        let inner = &rest[at + 6..];
+        let end = inner.find('}').expect("a closing brace");
+        let (_, default) = inner[..end]
+            .split_once(":-")
+            .unwrap_or_else(|| panic!("{value}: no default for compose"));
+        out.push_str(default);
+        rest = &inner[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[test]
 fn collector_pipelines_reference_defined_components() {
     let cfg = yaml("deploy/otel-collector/config.yaml");
@@ -562,7 +584,7 @@ fn collector_pipelines_reference_defined_components() {
     }
     let traces = strings(&cfg["service"]["pipelines"]["traces"]["exporters"]);
     assert!(
-        traces.iter().any(|e| e == "otlp/jaeger"),
+        traces.iter().any(|e| e == "otlp_grpc/jaeger"),
         "traces are not exported to Jaeger"
     );
     let metrics = strings(&cfg["service"]["pipelines"]["metrics"]["exporters"]);
@@ -570,8 +592,8 @@ fn collector_pipelines_reference_defined_components() {
         metrics.iter().any(|e| e == "prometheus"),
         "metrics are not exported to Prometheus"
     );
-    let jaeger = &cfg["exporters"]["otlp/jaeger"];
-    assert_eq!(str_of(&jaeger["endpoint"]), "jaeger:4317");
+    let jaeger = &cfg["exporters"]["otlp_grpc/jaeger"];
+    assert_eq!(compose_value(&str_of(&jaeger["endpoint"])), "jaeger:4317");
     assert_eq!(jaeger["tls"]["insecure"].as_bool(), Some(true));
 }
 
@@ -580,22 +602,27 @@ fn collector_listens_where_compose_and_prometheus_expect() {
     let cfg = yaml("deploy/otel-collector/config.yaml");
     let otlp = &cfg["receivers"]["otlp"]["protocols"];
     assert_eq!(
-        str_of(&otlp["grpc"]["endpoint"]),
+        compose_value(&str_of(&otlp["grpc"]["endpoint"])),
         "0.0.0.0:4317",
         "OTLP gRPC"
     );
     assert_eq!(
-        str_of(&otlp["http"]["endpoint"]),
+        compose_value(&str_of(&otlp["http"]["endpoint"])),
         "0.0.0.0:4318",
         "OTLP HTTP"
     );
-    let exporter = str_of(&cfg["exporters"]["prometheus"]["endpoint"]);
+    let exporter = compose_value(&str_of(&cfg["exporters"]["prometheus"]["endpoint"]));
     assert_eq!(
         host_port(&exporter).map(|(_, p)| p),
         Some(8889),
         "prometheus exporter"
     );
-    let own = str_of(&cfg["service"]["telemetry"]["metrics"]["address"]);
+    let reader = &cfg["service"]["telemetry"]["metrics"]["readers"][0]["pull"]["exporter"];
+    let own = format!(
+        "{}:{}",
+        compose_value(&str_of(&reader["prometheus"]["host"])),
+        compose_value(&str_of(&reader["prometheus"]["port"]))
+    );
     assert_eq!(
         host_port(&own),
         Some(("0.0.0.0", 8888)),
@@ -654,6 +681,28 @@ fn prometheus_config_scrapes_collector_and_demo() {
         strings(&prom["command"]).contains(&format!("--config.file={config_path}")),
         "prometheus: --config.file does not point at the mounted {config_path}"
     );
+}
+
+/// The real collector (built from `builder.yaml`) and the real Jaeger v2
+/// accept the configs compose mounts, as compose runs them.
+#[test]
+fn the_real_collector_and_jaeger_accept_their_configs() {
+    for (tool, config) in [
+        ("otelcol", "deploy/otel-collector/config.yaml"),
+        ("jaeger", "deploy/jaeger/config.yaml"),
+    ] {
+        let out = std::process::Command::new(tools::tool(tool))
+            .arg("validate")
+            .arg(format!("--config={}", root().join(config).display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} validate {config}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
