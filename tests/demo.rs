@@ -7,6 +7,8 @@ mod common;
 mod dashboards;
 #[path = "../examples/support/management.rs"]
 mod management;
+#[path = "common/tools.rs"]
+mod tools;
 
 use common::*;
 use futures_util::StreamExt;
@@ -679,4 +681,378 @@ async fn cleanup_guard_deletes_on_drop() {
         .is_ok();
     assert!(!exchange_left, "the exchange was deleted");
     conn.close(200, "bye".into()).await.ok();
+}
+
+// ------------------------------------------- the real Collector and Jaeger
+
+/// A free port on the loopback (bound, then released for the component).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Jaeger v2 and the collector, from the configs compose mounts, on free
+/// loopback ports; killed when dropped.
+struct Stack {
+    _jaeger: tokio::process::Child,
+    _collector: tokio::process::Child,
+    query: u16,
+    otlp_grpc: u16,
+    otlp_http: u16,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let log = |name: &str| {
+            let path = std::env::temp_dir().join(format!("mindbus-{name}-{}.log", random_u64()));
+            std::fs::File::create(path).unwrap()
+        };
+        let (query, jaeger_otlp, jaeger_health) = (free_port(), free_port(), free_port());
+        let mut jaeger = Command::new(tools::tool("jaeger"));
+        jaeger
+            .arg(format!(
+                "--config={}",
+                root.join("deploy/jaeger/config.yaml").display()
+            ))
+            .env("JAEGER_QUERY_HTTP_ENDPOINT", format!("127.0.0.1:{query}"))
+            .env(
+                "JAEGER_QUERY_GRPC_ENDPOINT",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "JAEGER_OTLP_GRPC_ENDPOINT",
+                format!("127.0.0.1:{jaeger_otlp}"),
+            )
+            .env(
+                "JAEGER_OTLP_HTTP_ENDPOINT",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "JAEGER_HEALTH_ENDPOINT",
+                format!("127.0.0.1:{jaeger_health}"),
+            )
+            .stdout(log("jaeger"))
+            .stderr(log("jaeger-err"))
+            .kill_on_drop(true);
+        let jaeger = jaeger.spawn().unwrap();
+        wait_healthy("jaeger", jaeger_health, "/status").await;
+
+        let (otlp_grpc, otlp_http, health) = (free_port(), free_port(), free_port());
+        let mut collector = Command::new(tools::tool("otelcol"));
+        collector
+            .arg(format!(
+                "--config={}",
+                root.join("deploy/otel-collector/config.yaml").display()
+            ))
+            .env(
+                "OTELCOL_OTLP_GRPC_ENDPOINT",
+                format!("127.0.0.1:{otlp_grpc}"),
+            )
+            .env(
+                "OTELCOL_OTLP_HTTP_ENDPOINT",
+                format!("127.0.0.1:{otlp_http}"),
+            )
+            .env(
+                "OTELCOL_JAEGER_ENDPOINT",
+                format!("127.0.0.1:{jaeger_otlp}"),
+            )
+            .env(
+                "OTELCOL_PROMETHEUS_ENDPOINT",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("OTELCOL_HEALTH_ENDPOINT", format!("127.0.0.1:{health}"))
+            .env("OTELCOL_METRICS_HOST", "127.0.0.1")
+            .env("OTELCOL_METRICS_PORT", free_port().to_string())
+            .stdout(log("otelcol"))
+            .stderr(log("otelcol-err"))
+            .kill_on_drop(true);
+        let collector = collector.spawn().unwrap();
+        wait_healthy("the collector", health, "/").await;
+        Stack {
+            _jaeger: jaeger,
+            _collector: collector,
+            query,
+            otlp_grpc,
+            otlp_http,
+        }
+    }
+
+    /// A GET on Jaeger's query API, as JSON.
+    async fn api(&self, path: &str) -> Value {
+        let body = http_get(self.query, path).await;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+}
+
+async fn wait_healthy(what: &str, port: u16, path: &str) {
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+            && !http_get(port, path).await.is_empty()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not answer on 127.0.0.1:{port}{path} within 30 s");
+}
+
+/// One demo run exporting to the collector; waits for it to finish.
+async fn run_demo(stack: &Stack, protocol: &str, args: &[&str], prefix: &str, exchange: &str) {
+    let endpoint = match protocol {
+        "grpc" => format!("http://127.0.0.1:{}", stack.otlp_grpc),
+        _ => format!("http://127.0.0.1:{}", stack.otlp_http),
+    };
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(args)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        .env("MINDBUS_TRACE_VIEW", "off")
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, prefix, exchange);
+    // The default log level, at which lapin opens its io_loop span (an
+    // orphan trace, were it exported).
+    cmd.env_remove("RUST_LOG").stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the demo finished in time")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo {args:?} over {protocol}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every trace id Jaeger holds for these services.
+async fn trace_ids(stack: &Stack, services: &[&str]) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for service in services {
+        let found = stack
+            .api(&format!(
+                "/api/traces?service={service}&limit=1000&lookback=1h"
+            ))
+            .await;
+        for t in found["data"].as_array().into_iter().flatten() {
+            ids.insert(t["traceID"].as_str().unwrap().to_owned());
+        }
+    }
+    ids
+}
+
+fn tag<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
+    span["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .map(|t| &t["value"])
+}
+
+/// The demo, as a user runs it against the stack compose describes: the
+/// real OpenTelemetry Collector (the binary built from builder.yaml) in
+/// front of the real Jaeger v2, both on the very configs compose mounts.
+/// All roles in one process over gRPC and over HTTP, then each role in its
+/// own process; then what Jaeger's query API shows, trace by trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_through_the_real_collector_into_the_real_jaeger() {
+    let stack = Stack::start().await;
+    let mut expected = 0;
+    let mut cleanups = Vec::new();
+    // Several all-in-one runs: an orphan trace (a dependency's span) shows
+    // up in some runs only.
+    for protocol in ["grpc", "http/protobuf", "grpc", "http/protobuf"] {
+        let prefix = format!("{}.", unique("jaeger"));
+        let exchange = unique("jaeger.bus");
+        cleanups.push(Cleanup::new(&prefix, &exchange));
+        run_demo(&stack, protocol, &["--tasks", "3"], &prefix, &exchange).await;
+        expected += 3;
+    }
+    // Each role in its own process, as deployed: two tasks.
+    let prefix = format!("{}.", unique("jaeger.roles"));
+    let exchange = unique("jaeger.roles.bus");
+    cleanups.push(Cleanup::new(&prefix, &exchange));
+    let agents = ["writer", "critic"].map(|role| {
+        let (stack, prefix, exchange) = (&stack, prefix.clone(), exchange.clone());
+        async move {
+            run_demo(
+                stack,
+                "grpc",
+                &["--role", role, "--max-messages", "2"],
+                &prefix,
+                &exchange,
+            )
+            .await
+        }
+    });
+    let orchestrator = async {
+        let conn = connect().await;
+        for q in ["agent.writer", "agent.critic"] {
+            wait_consuming(&conn, &format!("{prefix}{q}")).await;
+        }
+        conn.close(200, "bye".into()).await.ok();
+        run_demo(
+            &stack,
+            "grpc",
+            &["--role", "orchestrator", "--max-messages", "2"],
+            &prefix,
+            &exchange,
+        )
+        .await;
+    };
+    let [writer, critic] = agents;
+    tokio::join!(writer, critic, orchestrator);
+    expected += 2;
+
+    // Jaeger: exactly the demo's services and one trace per task, nothing else.
+    let services = ["orchestrator", "writer", "critic"];
+    for _ in 0..100 {
+        if trace_ids(&stack, &services).await.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // late stragglers
+    let ids = trace_ids(&stack, &services).await;
+    let listed: BTreeSet<String> = stack.api("/api/services").await["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        listed,
+        services.map(String::from).into(),
+        "services in Jaeger"
+    );
+    assert_eq!(ids.len(), expected, "one trace per task and no other trace");
+
+    let mut failed = 0;
+    let mut subject = None;
+    for id in &ids {
+        let trace = &stack.api(&format!("/api/traces/{id}")).await["data"][0];
+        let spans = trace["spans"].as_array().unwrap();
+        let service = |s: &Value| {
+            let process = s["processID"].as_str().unwrap();
+            trace["processes"][process]["serviceName"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let by_id = |span_id: &str| spans.iter().find(|s| s["spanID"] == span_id);
+        let context = format!(
+            "trace {id}:\n{}",
+            serde_json::to_string_pretty(trace).unwrap()
+        );
+        // What Jaeger shows is clean: no trace or span warnings.
+        assert!(trace["warnings"].is_null(), "{context}");
+        for s in spans {
+            assert!(
+                s["warnings"].is_null(),
+                "span {} warns: {context}",
+                s["operationName"]
+            );
+        }
+        // One root, the orchestrator's task.
+        let roots: Vec<&Value> = spans
+            .iter()
+            .filter(|s| s["references"].as_array().is_none_or(|r| r.is_empty()))
+            .collect();
+        assert_eq!(roots.len(), 1, "{context}");
+        assert_eq!(roots[0]["operationName"], "execute_task", "{context}");
+        assert_eq!(service(roots[0]), "orchestrator", "{context}");
+        let root_failed = tag(roots[0], "error") == Some(&json!(true));
+        // Every CONSUMER span: first reference CHILD_OF its producer.
+        for s in spans
+            .iter()
+            .filter(|s| tag(s, "span.kind") == Some(&json!("consumer")))
+        {
+            let first = &s["references"][0];
+            assert_eq!(
+                first["refType"], "CHILD_OF",
+                "{} in {context}",
+                s["operationName"]
+            );
+            let producer =
+                by_id(first["spanID"].as_str().unwrap()).expect("the producer is in the trace");
+            assert_eq!(
+                tag(producer, "span.kind"),
+                Some(&json!("producer")),
+                "{context}"
+            );
+        }
+        // The tree the README shows: the writer's LLM call under its
+        // CONSUMER span, every reply processed by the orchestrator.
+        let named = |name: &'static str| {
+            spans.iter().filter(move |s| {
+                s["operationName"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(name))
+            })
+        };
+        // Each agent's LLM call sits under that agent's CONSUMER span.
+        let mut llm_calls = 0;
+        for llm in named("llm_call") {
+            llm_calls += 1;
+            let parent = by_id(llm["references"][0]["spanID"].as_str().unwrap()).unwrap();
+            let agent = service(llm);
+            let name = parent["operationName"].as_str().unwrap();
+            assert!(
+                name.ends_with(&format!("agent.{agent}")),
+                "llm_call under {name}: {context}"
+            );
+            assert_eq!(service(parent), agent, "{context}");
+        }
+        assert!(llm_calls > 0, "{context}");
+        for reply in named("process (temporary)") {
+            assert_eq!(service(reply), "orchestrator", "{context}");
+        }
+        let in_trace: BTreeSet<String> = spans.iter().map(&service).collect();
+        if root_failed {
+            failed += 1;
+            assert_eq!(
+                in_trace,
+                ["orchestrator", "writer"].map(String::from).into(),
+                "{context}"
+            );
+        } else {
+            assert_eq!(in_trace, services.map(String::from).into(), "{context}");
+        }
+        subject = subject.or_else(|| {
+            spans
+                .iter()
+                .find_map(|s| tag(s, "cloudevents.event_subject"))
+                .map(|v| (id.clone(), v.as_str().unwrap().to_owned()))
+        });
+    }
+    assert_eq!(
+        failed, 4,
+        "the last task of each all-in-one run fails on purpose"
+    );
+
+    // A task found by its business id.
+    let (id, subject) = subject.expect("a span with cloudevents.event_subject");
+    let tags = format!(r#"{{"cloudevents.event_subject":"{subject}"}}"#);
+    let found = stack
+        .api(&format!(
+            "/api/traces?service=orchestrator&lookback=1h&limit=100&tags={}",
+            management::encode(&tags)
+        ))
+        .await;
+    let found: BTreeSet<&str> = found["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["traceID"].as_str().unwrap())
+        .collect();
+    assert!(found.contains(id.as_str()), "{subject}: {found:?}");
+    for c in cleanups {
+        c.run().await;
+    }
 }

@@ -86,7 +86,7 @@
 //! | Variable | Default | Meaning |
 //! |---|---|---|
 //! | `OTEL_SERVICE_NAME` | [`Config::default_service_name`], else `unknown_service` | `service.name` of the main tracer provider (a `service.name` in `OTEL_RESOURCE_ATTRIBUTES` comes next) |
-//! | `OTEL_RESOURCE_ATTRIBUTES` | none | Extra resource attributes, `key=value,key2=value2` (values percent-decoded), on every provider; they override the detected `service.instance.id`, `service.version` ([`Config::service_version`]), `host.name`, `host.id`, `host.arch`, `os.type` and `process.pid` |
+//! | `OTEL_RESOURCE_ATTRIBUTES` | none | Extra resource attributes, `key=value,key2=value2` (values percent-decoded), on every provider; they override the detected `service.instance.id`, `service.version` ([`Config::service_version`]), `host.name`, `host.id`, `host.arch`, `host.ip`, `os.type`, `process.pid` and Jaeger's legacy `ip` |
 //! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | none | Full traces URL, used as given |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | none | Base URL for every signal; `/v1/traces` (`/v1/logs`) is appended for `http/protobuf` |
 //! | `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf`, for traces |
@@ -226,7 +226,8 @@ pub const DEPENDENCY_SPAN_TARGETS: &[&str] = &[
 
 /// The resource attributes that tell one process from another, found once
 /// per process: `service.instance.id` (a UUIDv7), `host.name`, `host.id`,
-/// `host.arch`, `os.type`, `process.pid`, and `service.version` when the
+/// `host.arch`, `host.ip` (and Jaeger's legacy `ip`, the first of them),
+/// `os.type`, `process.pid`, and `service.version` when the
 /// application gave one. Without a host, backends such as Jaeger take two
 /// services of one process for two hosts (and refuse to correct clock skew
 /// between them). `OTEL_RESOURCE_ATTRIBUTES` and
@@ -246,10 +247,38 @@ fn detect_resource(service_version: Option<&str>) -> Vec<KeyValue> {
     .flat_map(|r| r.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
     .collect();
     attributes.push(KeyValue::new("process.pid", i64::from(std::process::id())));
+    let ips = host_ips();
+    if let Some(first) = ips.first() {
+        // Jaeger's query API, which its UI reads, tells hosts apart by the
+        // legacy `ip` process tag only: without it every parent and child
+        // count as two hosts, and a reply's CONSUMER span shorter than its
+        // PRODUCER span gets a clock-skew warning. Same value on every
+        // process of a host (the first address in a fixed order).
+        attributes.push(KeyValue::new("ip", first.clone()));
+        let ips: Vec<opentelemetry::StringValue> = ips.into_iter().map(Into::into).collect();
+        attributes.push(KeyValue::new(
+            "host.ip",
+            opentelemetry::Value::Array(ips.into()),
+        ));
+    }
     if let Some(version) = service_version {
         attributes.push(KeyValue::new("service.version", version.to_owned()));
     }
     attributes
+}
+
+/// The host's addresses but loopback and link-local ones, IPv4 first, each
+/// family sorted (so every process of a host lists them alike).
+fn host_ips() -> Vec<String> {
+    let mut ips: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| !i.is_loopback() && !i.is_link_local())
+        .map(|i| i.ip())
+        .collect();
+    ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+    ips.dedup();
+    ips.iter().map(ToString::to_string).collect()
 }
 
 /// Whether `target` belongs to one of [`DEPENDENCY_SPAN_TARGETS`].

@@ -102,6 +102,15 @@ async fn round_trip(protocol: OtlpProtocol) {
             attr("process.command_args").is_none(),
             "no command line: it may hold secrets"
         );
+        // Jaeger's host key: the first of host.ip, when the host has one.
+        let first_ip = match attr("host.ip") {
+            Some(mindbus_otel_testkit::AttrValue::Array(ips)) => {
+                ips.first().and_then(|v| v.as_str().map(String::from))
+            }
+            _ => None,
+        };
+        let ip = attr("ip").and_then(|v| v.as_str().map(String::from));
+        assert_eq!(ip, first_ip, "{name}");
         assert!(
             span.resource
                 .iter()
