@@ -4,7 +4,8 @@
 #
 #   bash .ci/deps.sh         RabbitMQ (Debian's rabbitmq-server) on 127.0.0.1:5672,
 #                            with the management API on 127.0.0.1:15672
-#   bash .ci/deps.sh --all   also Jaeger v2 and the OpenTelemetry Collector, built
+#   bash .ci/deps.sh --all   also Debian's prometheus (for promtool), and Jaeger v2
+#                            and the OpenTelemetry Collector, built
 #                            from their Go modules into $MINDBUS_TOOLS (default
 #                            ~/.cache/mindbus-otel), once per version: about
 #                            10 minutes the first time; the end-to-end tests use them
@@ -113,6 +114,8 @@ build_collector() { # -> $TOOLS/otelcol-<manifest hash>/otelcol-mindbus
 }
 
 if [ -n "$all" ]; then
+  # promtool (Debian's prometheus 2.42) checks the Prometheus config.
+  command -v promtool >/dev/null || apt_install prometheus
   build_jaeger
   build_collector
   # Stable names for the tests: $TOOLS/bin/jaeger and $TOOLS/bin/otelcol.
