@@ -702,6 +702,8 @@ struct Stack {
     query: u16,
     otlp_grpc: u16,
     otlp_http: u16,
+    /// The collector's Prometheus exporter (what it received by OTLP).
+    prometheus: u16,
 }
 
 impl Stack {
@@ -742,6 +744,7 @@ impl Stack {
         wait_healthy("jaeger", jaeger_health, "/status").await;
 
         let (otlp_grpc, otlp_http, health) = (free_port(), free_port(), free_port());
+        let prometheus = free_port();
         let mut collector = Command::new(tools::tool("otelcol"));
         collector
             .arg(format!(
@@ -762,7 +765,7 @@ impl Stack {
             )
             .env(
                 "OTELCOL_PROMETHEUS_ENDPOINT",
-                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{prometheus}"),
             )
             .env("OTELCOL_HEALTH_ENDPOINT", format!("127.0.0.1:{health}"))
             .env("OTELCOL_METRICS_HOST", "127.0.0.1")
@@ -778,6 +781,7 @@ impl Stack {
             query,
             otlp_grpc,
             otlp_http,
+            prometheus,
         }
     }
 
@@ -1055,4 +1059,118 @@ async fn the_demo_through_the_real_collector_into_the_real_jaeger() {
     for c in cleanups {
         c.run().await;
     }
+}
+
+/// Each series name of a Prometheus exposition with its label names, less
+/// the ones an OTLP-to-Prometheus exporter adds for the source (`job`,
+/// `instance`, `otel_scope_*`) and the `target_info` series it adds.
+fn series_shapes(exposition: &str) -> BTreeSet<(String, Vec<String>)> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, rest) = match l.split_once('{') {
+                Some((name, rest)) => (name, rest),
+                None => (l.split(' ').next()?, ""),
+            };
+            if name == "target_info" {
+                return None;
+            }
+            let mut labels: Vec<String> = rest
+                .split("\",")
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.trim().to_owned()))
+                .filter(|k| {
+                    !["job", "instance"].contains(&k.as_str()) && !k.starts_with("otel_scope_")
+                })
+                .collect();
+            labels.sort();
+            Some((name.to_owned(), labels))
+        })
+        .collect()
+}
+
+/// Metrics pushed by OTLP (`OTEL_METRICS_EXPORTER=otlp`) through the real
+/// collector's Prometheus exporter carry the same series names and labels
+/// as the demo's own pull endpoint, so one set of dashboards serves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_through_the_real_collector_match_the_pull_endpoint() {
+    let stack = Stack::start().await;
+
+    // Pushed: the demo's three tasks, exported every 200 ms and at exit.
+    let prefix = format!("{}.", unique("otlpmetrics"));
+    let exchange = unique("otlpmetrics.bus");
+    let pushed_cleanup = Cleanup::new(&prefix, &exchange);
+    let endpoint = format!("http://127.0.0.1:{}", stack.otlp_grpc);
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--tasks", "3"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_METRICS_EXPORTER", "otlp")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env("MINDBUS_TRACE_VIEW", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the demo finished in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        !stdout.contains("metrics are served"),
+        "no pull endpoint when pushing: {stdout}"
+    );
+    // The collector batches for up to a second: wait until what it shows
+    // holds still (the demo's last export was at its exit).
+    let mut pushed = String::new();
+    let mut previous = BTreeSet::new();
+    for _ in 0..20 {
+        pushed = http_get(stack.prometheus, "/metrics").await;
+        let shapes = series_shapes(&pushed);
+        if pushed.contains("ai_team_tasks_total") && shapes == previous {
+            break;
+        }
+        previous = shapes;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert!(
+        pushed.contains("ai_team_tasks_total"),
+        "the collector re-exposes the pushed metrics:\n{pushed}"
+    );
+
+    // Pulled: the same run, scraped from the demo's own endpoint.
+    let prefix = format!("{}.", unique("pullmetrics"));
+    let exchange = unique("pullmetrics.bus");
+    let pulled_cleanup = Cleanup::new(&prefix, &exchange);
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--tasks", "3", "--linger", "3"])
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("MINDBUS_TRACE_VIEW", "off")
+        .env("OTEL_TRACES_EXPORTER", "none");
+    isolated(&mut cmd, &prefix, &exchange);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut pulled = None;
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        if line.contains("metrics are served on")
+            && let Some(port) = served_port(&line)
+        {
+            pulled = Some(http_get(port, "/metrics").await);
+        }
+    }
+    child.wait().await.unwrap();
+    let pulled = pulled.expect("scraped the pull endpoint");
+
+    let (pushed, pulled) = (series_shapes(&pushed), series_shapes(&pulled));
+    let only_pushed: Vec<_> = pushed.difference(&pulled).collect();
+    let only_pulled: Vec<_> = pulled.difference(&pushed).collect();
+    assert!(
+        only_pushed.is_empty() && only_pulled.is_empty(),
+        "series names and labels differ\nonly through the collector: {only_pushed:#?}\nonly on the pull endpoint: {only_pulled:#?}"
+    );
+    pushed_cleanup.run().await;
+    pulled_cleanup.run().await;
 }

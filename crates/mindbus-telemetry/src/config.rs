@@ -235,6 +235,9 @@ pub struct OtlpTarget {
     pub protocol: OtlpProtocol,
 }
 
+/// The specification's default interval between metric exports.
+pub const DEFAULT_METRIC_EXPORT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Everything [`init`](crate::init) sets up.
 ///
 /// Start from [`Config::from_env`] (or [`Config::new`] for the defaults without
@@ -280,6 +283,10 @@ pub struct Config {
     pub(crate) install_subscriber: bool,
     pub(crate) dependency_spans: bool,
     pub(crate) service_version: Option<String>,
+    pub(crate) otlp_metrics: bool,
+    pub(crate) otlp_metrics_endpoint: Option<String>,
+    pub(crate) otlp_metrics_protocol: Option<OtlpProtocol>,
+    pub(crate) metric_export_interval: Duration,
     pub(crate) install_tracer_provider: bool,
     pub(crate) warnings: Vec<String>,
 }
@@ -324,6 +331,10 @@ impl Config {
             install_subscriber: true,
             dependency_spans: false,
             service_version: None,
+            otlp_metrics: false,
+            otlp_metrics_endpoint: None,
+            otlp_metrics_protocol: None,
+            metric_export_interval: DEFAULT_METRIC_EXPORT_INTERVAL,
             install_tracer_provider: true,
             warnings: Vec::new(),
         }
@@ -377,6 +388,28 @@ impl Config {
             parse_protocol_var(&get, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", &mut warnings);
         config.otlp_logs_protocol =
             parse_protocol_var(&get, "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", &mut warnings);
+        config.otlp_metrics_endpoint =
+            get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").map(|s| s.trim().to_owned());
+        config.otlp_metrics_protocol =
+            parse_protocol_var(&get, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", &mut warnings);
+        if let Some(value) = get("OTEL_METRICS_EXPORTER") {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "prometheus" => config.otlp_metrics = false,
+                "otlp" => config.otlp_metrics = true,
+                "none" => config.metrics = false,
+                _ => warnings.push(format!(
+                    "OTEL_METRICS_EXPORTER={value:?} is not supported (use prometheus, otlp or none); using prometheus"
+                )),
+            }
+        }
+        if let Some(value) = get("OTEL_METRIC_EXPORT_INTERVAL") {
+            match value.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => config.metric_export_interval = Duration::from_millis(ms),
+                _ => warnings.push(format!(
+                    "OTEL_METRIC_EXPORT_INTERVAL={value:?} is not a positive number of milliseconds; using 60000"
+                )),
+            }
+        }
 
         if let Some(value) = get("OTEL_TRACES_EXPORTER") {
             match parse_exporter_list(&value) {
@@ -657,6 +690,38 @@ impl Config {
         )
     }
 
+    /// Where metrics will be pushed, or `None` when they are pulled from the
+    /// Prometheus endpoint instead (the default), off, or no endpoint is
+    /// configured.
+    pub fn metrics_target(&self) -> Option<OtlpTarget> {
+        if !self.metrics || !self.otlp_metrics {
+            return None;
+        }
+        resolve_target(
+            self.otlp_metrics_endpoint.as_deref(),
+            self.otlp_endpoint.as_deref(),
+            self.otlp_metrics_protocol.or(self.otlp_protocol),
+            "/v1/metrics",
+        )
+    }
+
+    /// Pushes metrics by OTLP instead of serving them for Prometheus
+    /// (default no; also `OTEL_METRICS_EXPORTER=otlp`), to the endpoint of
+    /// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, else the base endpoint. The
+    /// names stay those of the Prometheus endpoint: a collector's
+    /// Prometheus exporter shows the same series.
+    pub fn otlp_metrics(mut self, enabled: bool) -> Config {
+        self.otlp_metrics = enabled;
+        self
+    }
+
+    /// How often pushed metrics are exported (default 60 s; also
+    /// `OTEL_METRIC_EXPORT_INTERVAL`, in milliseconds).
+    pub fn metric_export_interval(mut self, interval: Duration) -> Config {
+        self.metric_export_interval = interval;
+        self
+    }
+
     /// Where logs will be exported, or `None` when they will not be (OTLP logs off
     /// or no endpoint configured).
     pub fn logs_target(&self) -> Option<OtlpTarget> {
@@ -687,7 +752,7 @@ impl Config {
     /// The Prometheus listen address, or `None` when metrics are off or no listener
     /// is wanted.
     pub fn metrics_listen_addr(&self) -> Option<SocketAddr> {
-        if self.metrics {
+        if self.metrics && !self.otlp_metrics {
             self.metrics_addr
         } else {
             None
@@ -1153,6 +1218,55 @@ mod tests {
         ]));
         assert_eq!(config.resolved_service_name(), "from-env");
         assert_eq!(config.service_name("set").resolved_service_name(), "set");
+    }
+
+    #[test]
+    fn metrics_exporter_choices() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            Config::from_lookup(move |name| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+        };
+        let pull = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")]);
+        assert_eq!(pull.metrics_target(), None, "pulled by default");
+        assert!(pull.metrics_listen_addr().is_some());
+
+        let push = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_METRICS_EXPORTER", "otlp"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+        ]);
+        let target = push.metrics_target().unwrap();
+        assert_eq!(target.endpoint, "http://127.0.0.1:4318/v1/metrics");
+        assert_eq!(
+            push.metrics_listen_addr(),
+            None,
+            "no pull endpoint when pushing"
+        );
+        assert_eq!(push.metric_export_interval, Duration::from_millis(500));
+
+        let grpc = env(&[
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "http://127.0.0.1:4317",
+            ),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc"),
+            ("OTEL_METRICS_EXPORTER", "otlp"),
+        ]);
+        assert_eq!(grpc.metrics_target().unwrap().protocol, OtlpProtocol::Grpc);
+
+        let off = env(&[("OTEL_METRICS_EXPORTER", "none")]);
+        assert!(off.metrics_target().is_none() && off.metrics_listen_addr().is_none());
+
+        let odd = env(&[
+            ("OTEL_METRICS_EXPORTER", "statsd"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+        ]);
+        assert_eq!(odd.warnings.len(), 2, "{:?}", odd.warnings);
+        assert!(odd.metrics_listen_addr().is_some(), "falls back to pull");
     }
 
     #[test]

@@ -159,6 +159,101 @@ pub(crate) fn build_log_exporter(
     built.map_err(|error| exporter_error("logs", &target.endpoint, error))
 }
 
+/// Builds the OTLP metric exporter for `target` (cumulative, as Prometheus
+/// reads sums).
+pub(crate) fn build_metric_exporter(
+    target: &OtlpTarget,
+    timeout: Duration,
+    handle: &Handle,
+) -> Result<opentelemetry_otlp::MetricExporter, Error> {
+    validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
+        signal: "metrics",
+        endpoint: target.endpoint.clone(),
+        reason,
+    })?;
+    let _runtime = handle.enter();
+    let cumulative = opentelemetry_sdk::metrics::Temporality::Cumulative;
+    let built = match target.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(target.endpoint.clone())
+            .with_timeout(timeout)
+            .with_temporality(cumulative)
+            .build(),
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(target.endpoint.clone())
+            .with_timeout(timeout)
+            .with_temporality(cumulative)
+            .build(),
+    };
+    built.map_err(|error| exporter_error("metrics", &target.endpoint, error))
+}
+
+/// A metric exporter that runs the wrapped OTLP exporter on the background
+/// runtime. The periodic reader calls it from its own thread (never a
+/// runtime's), which waits for the export, bounded by the timeout.
+#[derive(Debug)]
+pub(crate) struct RuntimeMetricExporter {
+    inner: opentelemetry_otlp::MetricExporter,
+    handle: Handle,
+    timeout: Duration,
+    closed: Arc<AtomicBool>,
+}
+
+impl RuntimeMetricExporter {
+    pub(crate) fn new(
+        inner: opentelemetry_otlp::MetricExporter,
+        handle: Handle,
+        timeout: Duration,
+        closed: Arc<AtomicBool>,
+    ) -> RuntimeMetricExporter {
+        RuntimeMetricExporter {
+            inner,
+            handle,
+            timeout,
+            closed,
+        }
+    }
+}
+
+impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for RuntimeMetricExporter {
+    fn export(
+        &self,
+        metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> impl Future<Output = OTelSdkResult> + Send {
+        let result = if self.closed.load(Ordering::Acquire)
+            || tokio::runtime::Handle::try_current().is_ok()
+        {
+            // Shut down, or (never from the reader's thread) inside a
+            // runtime, where blocking on another runtime is not allowed.
+            Err(OTelSdkError::AlreadyShutdown)
+        } else {
+            // The timer is the runtime's: the timeout is made inside it.
+            let export =
+                async { tokio::time::timeout(self.timeout, self.inner.export(metrics)).await };
+            match self.handle.block_on(export) {
+                Ok(result) => result,
+                Err(_) => Err(OTelSdkError::Timeout(self.timeout)),
+            }
+        };
+        std::future::ready(result)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
+        self.inner.temporality()
+    }
+}
+
 fn exporter_error(
     signal: &'static str,
     endpoint: &str,

@@ -101,6 +101,10 @@
 //! | `OTEL_BSP_EXPORT_TIMEOUT` | `3000` (ms, capped to the shutdown timeout) | Longest time one export (retries included) may take |
 //! | `MINDBUS_TRACE_VIEW` | `auto` | `on`, `off`, or `auto` (on when traces are not exported) |
 //! | `MINDBUS_DEPENDENCY_SPANS` | `off` | `on` also turns the `tracing` spans of lapin, h2, tonic, hyper, ... ([`DEPENDENCY_SPAN_TARGETS`]) into OpenTelemetry spans |
+//! | `OTEL_METRICS_EXPORTER` | `prometheus` | `prometheus`: served for scraping on `METRICS_ADDR`; `otlp`: pushed to the collector instead, same series names and labels (a collector's Prometheus exporter shows them as the endpoint would); `none`: off |
+//! | `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` | the base endpoint (+ `/v1/metrics` for HTTP) | Full metrics URL, used as given |
+//! | `OTEL_EXPORTER_OTLP_METRICS_PROTOCOL` | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf`, for metrics |
+//! | `OTEL_METRIC_EXPORT_INTERVAL` | `60000` (ms) | Time between pushes (and one more at shutdown) |
 //! | `METRICS_ADDR` | `127.0.0.1:9464` | Prometheus listen address; `off`/`none` disables the listener; a bare port listens on `127.0.0.1` |
 //! | `RUST_LOG` | `info` | Log and span filter, `EnvFilter` syntax |
 //! | `LOG_FORMAT` | `text` | `text` or `json` |
@@ -159,7 +163,6 @@ mod config;
 mod error;
 mod export;
 mod logs;
-#[allow(dead_code)] // wired to OTEL_METRICS_EXPORTER=otlp next (issue #26 item 7)
 mod otel_metrics;
 mod prometheus;
 mod runtime;
@@ -356,6 +359,7 @@ pub fn init(config: Config) -> Result<Telemetry, Error> {
         tracer_provider: None,
         extra_providers: Mutex::new(Vec::new()),
         logger_provider: None,
+        meter_provider: None,
         metrics: prometheus::Metrics {
             handle: None,
             addr: None,
@@ -394,11 +398,44 @@ pub fn init(config: Config) -> Result<Telemetry, Error> {
     }
 
     if config.metrics {
-        telemetry.metrics = prometheus::install(
-            config.metrics_listen_addr(),
-            telemetry.runtime.as_ref().map(|runtime| runtime.handle()),
-            &mut warnings,
-        );
+        match (config.metrics_target(), &telemetry.runtime) {
+            (Some(target), Some(runtime)) => {
+                let exporter =
+                    export::build_metric_exporter(&target, batch.export_timeout, runtime.handle())?;
+                let exporter = export::RuntimeMetricExporter::new(
+                    exporter,
+                    runtime.handle().clone(),
+                    batch.export_timeout + EXPORT_TIMEOUT_MARGIN,
+                    Arc::clone(&telemetry.closed),
+                );
+                let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                    .with_interval(config.metric_export_interval)
+                    .build();
+                let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                    .with_resource(telemetry.resource(&telemetry.service_name))
+                    .with_reader(reader)
+                    .build();
+                use opentelemetry::metrics::MeterProvider as _;
+                let recorder = otel_metrics::OtelRecorder::new(provider.meter("mindbus-otel"));
+                if let Err(error) = metrics::set_global_recorder(recorder) {
+                    warnings.push(format!(
+                        "a global metrics recorder is already installed ({error}); metrics go to it, not by OTLP"
+                    ));
+                }
+                telemetry.meter_provider = Some(provider);
+            }
+            _ if config.otlp_metrics => warnings.push(
+                "OTEL_METRICS_EXPORTER=otlp, but no OTLP endpoint is configured; metrics are not exported"
+                    .to_owned(),
+            ),
+            _ => {
+                telemetry.metrics = prometheus::install(
+                    config.metrics_listen_addr(),
+                    telemetry.runtime.as_ref().map(|runtime| runtime.handle()),
+                    &mut warnings,
+                );
+            }
+        }
     }
 
     if config.install_subscriber {
@@ -515,6 +552,8 @@ pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
     extra_providers: Mutex<Vec<(String, SdkTracerProvider)>>,
     logger_provider: Option<SdkLoggerProvider>,
+    /// Metrics pushed by OTLP (`OTEL_METRICS_EXPORTER=otlp`).
+    meter_provider: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
     metrics: prometheus::Metrics,
     warnings: Vec<String>,
     shutdown_timeout: Duration,
@@ -695,12 +734,17 @@ impl Telemetry {
     /// for a demo or test that wants them at the collector *now*.
     pub fn force_flush(&self) -> bool {
         let timeout = self.shutdown_timeout;
+        let meters_ok = self
+            .meter_provider
+            .as_ref()
+            .is_none_or(|meters| meters.force_flush().is_ok());
         self.each_provider_in_parallel(
             Instant::now() + timeout,
             |provider, _remaining| provider.force_flush(),
             |logger, _remaining| logger.force_flush(),
         )
         .is_empty()
+            && meters_ok
     }
 
     /// Flushes and shuts down every provider within the shutdown timeout, then stops
@@ -716,11 +760,19 @@ impl Telemetry {
             return Ok(());
         }
         let deadline = Instant::now() + self.shutdown_timeout;
-        let failures = self.each_provider_in_parallel(
+        let mut failures = self.each_provider_in_parallel(
             deadline,
             |provider, remaining| provider.shutdown_with_timeout(remaining),
             |logger, remaining| logger.shutdown_with_timeout(remaining),
         );
+        // The last metrics export, while the runtime still runs.
+        if let Some(meters) = &self.meter_provider {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match meters.shutdown_with_timeout(remaining) {
+                Ok(()) | Err(OTelSdkError::AlreadyShutdown) => {}
+                Err(error) => failures.push(format!("metrics: {error}")),
+            }
+        }
         // Exports still in flight are abandoned from here on.
         self.closed.store(true, Ordering::Release);
         if let Some(runtime) = &self.runtime {
