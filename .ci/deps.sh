@@ -4,8 +4,8 @@
 #
 #   bash .ci/deps.sh         RabbitMQ (Debian's rabbitmq-server) on 127.0.0.1:5672,
 #                            with the management API on 127.0.0.1:15672
-#   bash .ci/deps.sh --all   also Debian's prometheus (for promtool), and Jaeger v2
-#                            and the OpenTelemetry Collector, built
+#   bash .ci/deps.sh --all   also Debian's prometheus 2.42 (for promtool), and Jaeger v2,
+#                            the OpenTelemetry Collector and Prometheus 3.16, built
 #                            from their Go modules into $MINDBUS_TOOLS (default
 #                            ~/.cache/mindbus-otel), once per version: about
 #                            10 minutes the first time; the end-to-end tests use them
@@ -77,6 +77,8 @@ fi
 # Versions: one place. The Jaeger Go module v1.75.0 is Jaeger 2.12.
 JAEGER_MODULE=v1.75.0
 COLLECTOR_BUILDER=v0.165.0
+# The Go module v0.316.0 is Prometheus 3.16, the version docker-compose.yml pins.
+PROMETHEUS_MODULE=v0.316.0
 TOOLS="${MINDBUS_TOOLS:-$HOME/.cache/mindbus-otel}"
 
 build_jaeger() { # -> $TOOLS/jaeger-$JAEGER_MODULE/jaeger
@@ -113,15 +115,28 @@ build_collector() { # -> $TOOLS/otelcol-<manifest hash>/otelcol-mindbus
   mkdir -p "$dir" && mv "$work/otelcol-mindbus/otelcol-mindbus" "$OTELCOL" && rm -rf "$work"
 }
 
+build_prometheus() { # -> $TOOLS/prometheus-$PROMETHEUS_MODULE/{prometheus,promtool}
+  local dir="$TOOLS/prometheus-$PROMETHEUS_MODULE"
+  [ -x "$dir/prometheus" ] && [ -x "$dir/promtool" ] && return 0
+  command -v go >/dev/null || fail "go is missing: install Go 1.26 (Prometheus 3 is built from its Go module)"
+  echo "deps: building Prometheus $PROMETHEUS_MODULE (about 7 minutes, once)"
+  GOBIN="$dir" go install "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE" \
+      "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE" >/dev/null 2>&1 \
+    || fail "building Prometheus failed: run 'go install github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE' to see why"
+}
+
 if [ -n "$all" ]; then
   # promtool (Debian's prometheus 2.42) checks the Prometheus config.
   command -v promtool >/dev/null || apt_install prometheus
   build_jaeger
   build_collector
+  build_prometheus
   # Stable names for the tests: $TOOLS/bin/jaeger and $TOOLS/bin/otelcol.
   mkdir -p "$TOOLS/bin"
   ln -sfn "$TOOLS/jaeger-$JAEGER_MODULE/jaeger" "$TOOLS/bin/jaeger"
   ln -sfn "$OTELCOL" "$TOOLS/bin/otelcol"
-  echo "deps: ready (Jaeger and the collector in $TOOLS/bin)"
+  ln -sfn "$TOOLS/prometheus-$PROMETHEUS_MODULE/prometheus" "$TOOLS/bin/prometheus3"
+  ln -sfn "$TOOLS/prometheus-$PROMETHEUS_MODULE/promtool" "$TOOLS/bin/promtool3"
+  echo "deps: ready (Jaeger, the collector and Prometheus 3 in $TOOLS/bin)"
 fi
 echo "deps: ready (RabbitMQ on 127.0.0.1:5672, management API on 127.0.0.1:15672)"
