@@ -43,7 +43,7 @@
 //! `mindbus_otel_handler_panics_total`.
 
 use crate::envelope::MessageKind;
-use crate::in_flight::{DEFAULT_MAX_IN_FLIGHT, InFlight};
+use crate::in_flight::{DEFAULT_MAX_IN_FLIGHT, InFlight, awaited_reply};
 use crate::interceptor::Interceptor;
 use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId};
 use crate::message::{
@@ -376,19 +376,8 @@ impl Interceptor for AgentMetrics {
         let i = &self.inner;
         let peer = i.peers.id(source);
         // A COMMAND awaiting a reply: remember its sender for the reply's peer.
-        let command = match (kind, props.reply_to()) {
-            (MessageKind::Command, Some(reply_to)) => props
-                .correlation_id()
-                .as_ref()
-                .or(props.message_id().as_ref())
-                .map(|c| c.as_str())
-                .or(env.id())
-                .and_then(|corr| {
-                    i.commands
-                        .insert(i.commands.key(reply_to.as_str(), corr), peer)
-                }),
-            _ => None,
-        };
+        let command = awaited_reply(kind, props, env.id())
+            .and_then(|(reply_to, corr)| i.commands.insert(i.commands.key(reply_to, corr), peer));
         i.consumed.with(
             (destination, pull),
             || {

@@ -12,12 +12,35 @@
 //! to the wrong COMMAND. The table is bounded: past `max` live entries new
 //! COMMANDs are not tracked (their replies lose the match, nothing else).
 
+use crate::envelope::MessageKind;
 use crate::labels::PreHashedMap;
+use lapin::BasicProperties;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 
 /// Default bound of an in-flight COMMAND table.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+
+/// The `(reply_to, correlation_id)` a received COMMAND's reply will carry,
+/// when it awaits one: its `correlation_id`, else its `message_id`, else its
+/// CloudEvents `id` (`envelope_id`), as the reference client correlates.
+pub(crate) fn awaited_reply<'a>(
+    kind: MessageKind,
+    props: &'a BasicProperties,
+    envelope_id: Option<&'a str>,
+) -> Option<(&'a str, &'a str)> {
+    if kind != MessageKind::Command {
+        return None;
+    }
+    let reply_to = props.reply_to().as_ref()?.as_str();
+    let correlation = props
+        .correlation_id()
+        .as_ref()
+        .or(props.message_id().as_ref())
+        .map(|c| c.as_str())
+        .or(envelope_id)?;
+    Some((reply_to, correlation))
+}
 
 /// COMMANDs being handled, by a keyed hash of `(reply_to, correlation_id)`.
 pub(crate) struct InFlight<V> {

@@ -60,7 +60,7 @@
 use crate::clock;
 use crate::envelope::{EnvelopeRef, MessageKind};
 pub use crate::in_flight::DEFAULT_MAX_IN_FLIGHT;
-use crate::in_flight::InFlight;
+use crate::in_flight::{InFlight, awaited_reply};
 use crate::interceptor::Interceptor;
 use crate::labels::ReadMostly;
 use crate::message::{
@@ -969,21 +969,8 @@ impl Interceptor for MessagingSpans {
         }
         let cx = parent.with_span(span);
         // Track COMMANDs awaiting a reply, for stream-style RPC parenting.
-        let mut in_flight = None;
-        if kind == MessageKind::Command
-            && let Some(reply_to) = props.reply_to()
-        {
-            let env = msg.envelope();
-            let corr = props
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str())
-                .or_else(|| props.message_id().as_ref().map(|m| m.as_str()))
-                .or(env.id());
-            if let Some(corr) = corr {
-                in_flight = self.track_command(reply_to.as_str(), corr, &cx);
-            }
-        }
+        let in_flight = awaited_reply(kind, props, msg.envelope().id())
+            .and_then(|(reply_to, corr)| self.track_command(reply_to, corr, &cx));
         msg.state_mut().set_context(cx.clone());
         msg.state_mut().builtin.spans = Some(SpanState {
             cx,
