@@ -102,33 +102,51 @@ pub(crate) fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds the OTLP span exporter for `target`, inside the background runtime's
-/// context (tonic spawns its connection task there).
+/// Builds an OTLP exporter of type `$exporter` for `target`, inside the
+/// background runtime's context (tonic spawns its connection task there):
+/// one body for every signal, with the signal's extra builder calls.
+macro_rules! build_otlp_exporter {
+    ($signal:literal, $exporter:ty, $target:expr, $timeout:expr, $handle:expr
+        $(, $extra:ident($arg:expr))*) => {{
+        let target: &OtlpTarget = $target;
+        validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
+            signal: $signal,
+            endpoint: target.endpoint.clone(),
+            reason,
+        })?;
+        let _runtime = $handle.enter();
+        let built = match target.protocol {
+            OtlpProtocol::Grpc => <$exporter>::builder()
+                .with_tonic()
+                .with_endpoint(target.endpoint.clone())
+                .with_timeout($timeout)
+                $(.$extra($arg))*
+                .build(),
+            OtlpProtocol::HttpProtobuf => <$exporter>::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(target.endpoint.clone())
+                .with_timeout($timeout)
+                $(.$extra($arg))*
+                .build(),
+        };
+        built.map_err(|error| exporter_error($signal, &target.endpoint, error))
+    }};
+}
+
+/// Builds the OTLP span exporter for `target`.
 pub(crate) fn build_span_exporter(
     target: &OtlpTarget,
     timeout: Duration,
     handle: &Handle,
 ) -> Result<opentelemetry_otlp::SpanExporter, Error> {
-    validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
-        signal: "traces",
-        endpoint: target.endpoint.clone(),
-        reason,
-    })?;
-    let _runtime = handle.enter();
-    let built = match target.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(target.endpoint.clone())
-            .with_timeout(timeout)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(target.endpoint.clone())
-            .with_timeout(timeout)
-            .build(),
-    };
-    built.map_err(|error| exporter_error("traces", &target.endpoint, error))
+    build_otlp_exporter!(
+        "traces",
+        opentelemetry_otlp::SpanExporter,
+        target,
+        timeout,
+        handle
+    )
 }
 
 /// Builds the OTLP log exporter for `target`.
@@ -137,26 +155,13 @@ pub(crate) fn build_log_exporter(
     timeout: Duration,
     handle: &Handle,
 ) -> Result<opentelemetry_otlp::LogExporter, Error> {
-    validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
-        signal: "logs",
-        endpoint: target.endpoint.clone(),
-        reason,
-    })?;
-    let _runtime = handle.enter();
-    let built = match target.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::LogExporter::builder()
-            .with_tonic()
-            .with_endpoint(target.endpoint.clone())
-            .with_timeout(timeout)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(target.endpoint.clone())
-            .with_timeout(timeout)
-            .build(),
-    };
-    built.map_err(|error| exporter_error("logs", &target.endpoint, error))
+    build_otlp_exporter!(
+        "logs",
+        opentelemetry_otlp::LogExporter,
+        target,
+        timeout,
+        handle
+    )
 }
 
 /// Builds the OTLP metric exporter for `target` (cumulative, as Prometheus
@@ -166,29 +171,15 @@ pub(crate) fn build_metric_exporter(
     timeout: Duration,
     handle: &Handle,
 ) -> Result<opentelemetry_otlp::MetricExporter, Error> {
-    validate_endpoint(&target.endpoint).map_err(|reason| Error::InvalidEndpoint {
-        signal: "metrics",
-        endpoint: target.endpoint.clone(),
-        reason,
-    })?;
-    let _runtime = handle.enter();
     let cumulative = opentelemetry_sdk::metrics::Temporality::Cumulative;
-    let built = match target.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-            .with_tonic()
-            .with_endpoint(target.endpoint.clone())
-            .with_timeout(timeout)
-            .with_temporality(cumulative)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(target.endpoint.clone())
-            .with_timeout(timeout)
-            .with_temporality(cumulative)
-            .build(),
-    };
-    built.map_err(|error| exporter_error("metrics", &target.endpoint, error))
+    build_otlp_exporter!(
+        "metrics",
+        opentelemetry_otlp::MetricExporter,
+        target,
+        timeout,
+        handle,
+        with_temporality(cumulative)
+    )
 }
 
 /// A metric exporter that runs the wrapped OTLP exporter on the background
