@@ -285,14 +285,17 @@ async fn run_handler<F, Fut, E>(
 
         // Settled by the handler itself: by tag on the traced channel (its
         // outcome is known), or through lapin's acker (it is not).
-        let started = state.state.as_ref().map(|s| s.started());
-        let by_handler = match started.and_then(|t| chain.settles.claim(tag, t)) {
-            _ if no_ack => None,
-            Some(claimed) => Some(claimed),
-            None if !acker.usable() && !acker.poisoned() => {
-                Some((Outcome::SettledElsewhere, std::time::Instant::now()))
-            }
-            None => None,
+        let by_handler = if no_ack {
+            None
+        } else {
+            let claimed = state
+                .state
+                .as_ref()
+                .and_then(|s| chain.settles.claim(tag, s.started()));
+            let through_acker = !acker.usable() && !acker.poisoned();
+            claimed.or_else(|| {
+                through_acker.then(|| (Outcome::SettledElsewhere, std::time::Instant::now()))
+            })
         };
         if let Some((outcome, at)) = by_handler {
             if let Some(mut state) = state.state.take() {
