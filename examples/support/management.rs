@@ -51,6 +51,10 @@ impl Management {
         &self.vhost
     }
 
+    fn policy_path(&self, name: &str) -> String {
+        format!("/api/policies/{}/{}", encode(&self.vhost), encode(name))
+    }
+
     /// Creates or replaces a policy that applies to queues.
     pub async fn put_policy(
         &self,
@@ -61,7 +65,7 @@ impl Management {
         let body = serde_json::json!({
             "pattern": pattern, "definition": definition, "apply-to": "queues", "priority": 0,
         });
-        let path = format!("/api/policies/{}/{}", encode(&self.vhost), encode(name));
+        let path = self.policy_path(name);
         match self.call("PUT", &path, Some(&body.to_string())).await? {
             (201 | 204, _) => Ok(()),
             (status, body) => Err(format!("PUT {path}: HTTP {status} {body}")),
@@ -70,7 +74,7 @@ impl Management {
 
     /// Deletes a policy; a missing one is not an error.
     pub async fn delete_policy(&self, name: &str) -> Result<(), String> {
-        let path = format!("/api/policies/{}/{}", encode(&self.vhost), encode(name));
+        let path = self.policy_path(name);
         match self.call("DELETE", &path, None).await? {
             (204 | 404, _) => Ok(()),
             (status, body) => Err(format!("DELETE {path}: HTTP {status} {body}")),
@@ -79,7 +83,7 @@ impl Management {
 
     /// Whether a policy of that name exists.
     pub async fn has_policy(&self, name: &str) -> Result<bool, String> {
-        let path = format!("/api/policies/{}/{}", encode(&self.vhost), encode(name));
+        let path = self.policy_path(name);
         match self.call("GET", &path, None).await? {
             (200, _) => Ok(true),
             (404, _) => Ok(false),
