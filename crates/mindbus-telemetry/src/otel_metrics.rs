@@ -101,19 +101,17 @@ impl Recorder for OtelRecorder {
     }
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        let name = key.name().to_owned();
-        let Ok(mut counters) = self.counters.lock() else {
+        let name = key.name();
+        let made = instrument(&self.counters, name, || {
+            let description = self.description(name);
+            self.meter
+                .u64_counter(name.to_owned())
+                .with_description(description)
+                .build()
+        });
+        let Some(counter) = made else {
             return Counter::noop();
         };
-        let counter = counters
-            .entry(name.clone())
-            .or_insert_with(|| {
-                self.meter
-                    .u64_counter(name.clone())
-                    .with_description(self.description(&name))
-                    .build()
-            })
-            .clone();
         Counter::from_arc(Arc::new(OtelCounter {
             counter,
             attributes: attributes(key),
@@ -167,28 +165,42 @@ impl Recorder for OtelRecorder {
     }
 
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        let name = key.name().to_owned();
-        let Ok(mut histograms) = self.histograms.lock() else {
+        let name = key.name();
+        let made = instrument(&self.histograms, name, || {
+            let builder = self
+                .meter
+                .f64_histogram(name.to_owned())
+                .with_description(self.description(name));
+            match boundaries(name) {
+                Some(b) => builder.with_boundaries(b).build(),
+                None => builder.build(),
+            }
+        });
+        let Some(histogram) = made else {
             return Histogram::noop();
         };
-        let histogram = histograms
-            .entry(name.clone())
-            .or_insert_with(|| {
-                let builder = self
-                    .meter
-                    .f64_histogram(name.clone())
-                    .with_description(self.description(&name));
-                match boundaries(&name) {
-                    Some(b) => builder.with_boundaries(b).build(),
-                    None => builder.build(),
-                }
-            })
-            .clone();
         Histogram::from_arc(Arc::new(OtelHistogram {
             histogram,
             attributes: attributes(key),
         }))
     }
+}
+
+/// The instrument named `name`, made on its first registration (the
+/// facade registers each series; OpenTelemetry wants one instrument per
+/// name). `None` only if the map's lock was poisoned.
+fn instrument<T: Clone>(
+    map: &Mutex<HashMap<String, T>>,
+    name: &str,
+    make: impl FnOnce() -> T,
+) -> Option<T> {
+    let mut map = map.lock().ok()?;
+    if let Some(made) = map.get(name) {
+        return Some(made.clone());
+    }
+    let made = make();
+    map.insert(name.to_owned(), made.clone());
+    Some(made)
 }
 
 struct OtelCounter {
