@@ -237,7 +237,7 @@ impl AgentMetrics {
     }
 
     /// The `peer` of a sent message: see the [module docs](self).
-    fn sent_peer(&self, msg: &mut OutgoingMessage<'_>, kind: MessageKind) -> LabelId {
+    fn sent_peer(&self, msg: &OutgoingMessage<'_>, kind: MessageKind) -> LabelId {
         let i = &self.inner;
         let second = |prefix: &str| {
             let rest = msg.routing_key().strip_prefix(prefix)?;
