@@ -117,10 +117,15 @@ build_collector() { # -> $TOOLS/otelcol-<manifest hash>/otelcol-mindbus
 
 build_prometheus() { # -> $TOOLS/prometheus-$PROMETHEUS_MODULE/{prometheus,promtool}
   local dir="$TOOLS/prometheus-$PROMETHEUS_MODULE"
-  [ -x "$dir/prometheus" ] && [ -x "$dir/promtool" ] && return 0
+  # Module v0.X.Y is Prometheus 3.X.Y; stamped into the binaries, as the
+  # release build does, so that --version and /api/v1/status/buildinfo say it.
+  local version; version=$(echo "$PROMETHEUS_MODULE" | sed -E 's/^v0\.([0-9]+)([0-9]{2})\.([0-9]+)$/3.\2.\3/; s/^3\.0/3./')
+  [ -x "$dir/prometheus" ] && [ -x "$dir/promtool" ] \
+    && "$dir/prometheus" --version 2>&1 | grep -q "version $version " && return 0
   command -v go >/dev/null || fail "go is missing: install Go 1.26 (Prometheus 3 is built from its Go module)"
-  echo "deps: building Prometheus $PROMETHEUS_MODULE (about 7 minutes, once)"
-  GOBIN="$dir" go install "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE" \
+  echo "deps: building Prometheus $version (module $PROMETHEUS_MODULE, about 7 minutes, once)"
+  GOBIN="$dir" go install -ldflags "-X github.com/prometheus/common/version.Version=$version" \
+      "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE" \
       "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE" >/dev/null 2>&1 \
     || fail "building Prometheus failed: run 'go install github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE' to see why"
 }
