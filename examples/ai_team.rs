@@ -8,6 +8,8 @@
 //! cargo run --example ai_team -- --tasks 5
 //! cargo run --example ai_team -- --role writer     # one long-lived role
 //! cargo run --example ai_team -- --role writer --max-messages 2
+//! cargo run --example ai_team -- --serve           # live traffic until Ctrl-C
+//! cargo run --example ai_team -- --serve --rate 5  # five tasks a second
 //! ```
 //!
 //! Environment: `MINDBUS_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`),
@@ -17,7 +19,10 @@
 //! trace is printed as a tree; with one, it also goes to the collector.
 //!
 //! The last task fails on purpose (the writer answers `DEADLINE_EXCEEDED`)
-//! so errors show up in traces and metrics too.
+//! so errors show up in traces and metrics too. With `--serve`, about one
+//! task in five fails, in turn: the writer answers `DEADLINE_EXCEEDED`, the
+//! critic answers `RESOURCE_EXHAUSTED`, or the writer answers too late and
+//! the orchestrator gives up waiting.
 
 use futures_util::StreamExt;
 use mindbus_otel::lapin::options::{
@@ -78,6 +83,10 @@ struct Args {
     role: Option<String>,
     max_messages: Option<u64>,
     linger: Duration,
+    /// `--serve`: all roles in one process, tasks at `rate` a second until
+    /// stopped.
+    serve: bool,
+    rate: f64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -86,6 +95,8 @@ fn parse_args() -> Result<Args, String> {
         role: None,
         max_messages: None,
         linger: Duration::ZERO,
+        serve: false,
+        rate: 1.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -118,9 +129,23 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--linger: {e}"))?;
                 args.linger = Duration::from_secs(secs);
             }
+            "--serve" => args.serve = true,
+            "--rate" => {
+                let rate: f64 = value("--rate")?
+                    .parse()
+                    .map_err(|e| format!("--rate: {e}"))?;
+                if !(rate.is_finite() && (0.01..=1000.0).contains(&rate)) {
+                    return Err(format!(
+                        "--rate is tasks per second, between 0.01 and 1000, not {rate}"
+                    ));
+                }
+                args.rate = rate;
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: ai_team [--tasks N] [--role orchestrator|writer|critic] [--max-messages N] [--linger SECS]\n\
+                    "usage: ai_team [--tasks N | --serve [--rate PER_SEC]] [--role orchestrator|writer|critic] [--max-messages N] [--linger SECS]\n\
+                     --serve: all roles in one process, a task every second (or --rate a second), about 1 in 5 failing, until Ctrl-C;\n\
+                     \x20        with --role, that role until Ctrl-C (the orchestrator at --rate)\n\
                      --linger SECS: keep serving /metrics that long after the tasks, so a scraper sees the final values"
                 );
                 std::process::exit(0);
@@ -130,6 +155,35 @@ fn parse_args() -> Result<Args, String> {
     }
     Ok(args)
 }
+
+/// How a task is meant to end: the demo fails some on purpose, so that
+/// errors show up in traces, metrics and dashboards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Planned {
+    Success,
+    /// The writer answers an ERROR `DEADLINE_EXCEEDED`.
+    WriterDeadline,
+    /// The critic answers an ERROR `RESOURCE_EXHAUSTED`.
+    CriticExhausted,
+    /// The writer answers after the COMMAND's `timeout_seconds`: the
+    /// orchestrator has given up, and drops the late reply.
+    ReplyTimeout,
+}
+
+impl Planned {
+    /// Live traffic: every fifth task fails, the three ways in turn.
+    fn served(n: u64) -> Planned {
+        match (n % 5, n / 5 % 3) {
+            (0, 1) => Planned::WriterDeadline,
+            (0, 2) => Planned::CriticExhausted,
+            (0, _) => Planned::ReplyTimeout,
+            _ => Planned::Success,
+        }
+    }
+}
+
+/// The COMMAND deadline (`timeout_seconds`) of a task meant to time out.
+const SHORT_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A random UUID (v4 layout) for CloudEvents ids.
 fn new_id() -> String {
@@ -448,6 +502,10 @@ async fn writer_handler(
     llm.set_attribute(KeyValue::new("gen_ai.request.model", model));
     let llm_started = Instant::now();
     work(30, &subject).await;
+    if let Some(ms) = params["simulate_delay_ms"].as_u64() {
+        // A slow model: the answer comes after the orchestrator gave up.
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     let latency_ms = llm_started.elapsed().as_millis() as u64;
     llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input_tokens));
     llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output_tokens));
@@ -510,6 +568,14 @@ async fn critic_handler(
     llm.set_attribute(KeyValue::new("gen_ai.system", "openai"));
     llm.set_attribute(KeyValue::new("gen_ai.request.model", "gpt-4o-mini"));
     work(15, &subject).await;
+    if let Some(code) = event["data"]["params"]["simulate_error"].as_str() {
+        llm.set_status(Status::error(format!("{code}: the LLM quota is used up")));
+        llm.end();
+        let (id, body) = error_body(ME, &subject, code, "LLM quota exhausted", started);
+        return reply(&ch, &delivery, body, &id)
+            .await
+            .map_err(|e| e.to_string());
+    }
     llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", 2400_i64));
     llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", 200_i64));
     llm.end();
@@ -563,13 +629,15 @@ struct Orchestrator {
 }
 
 impl Orchestrator {
-    /// Sends a COMMAND and waits for its RESULT or ERROR.
+    /// Sends a COMMAND with `deadline` as its `timeout_seconds` and waits
+    /// for its RESULT or ERROR (at most [`REPLY_TIMEOUT`]).
     async fn call(
         &self,
         role: &str,
         action: &str,
         subject: &str,
         params: Value,
+        deadline: Duration,
     ) -> Result<Value, BoxError> {
         let id = new_id();
         let body = cloudevent(
@@ -577,9 +645,10 @@ impl Orchestrator {
             "orchestrator-core",
             &id,
             subject,
-            json!({"action": action, "params": params, "timeout_seconds": 300,
+            json!({"action": action, "params": params, "timeout_seconds": deadline.as_secs(),
                    "context": {"process_id": "blog-001", "step": action}}),
         );
+        let wait = deadline.min(REPLY_TIMEOUT);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.0.lock() {
             p.insert(id.clone(), tx);
@@ -599,13 +668,13 @@ impl Orchestrator {
             )
             .await?
             .await?;
-        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+        match tokio::time::timeout(wait, rx).await {
             Ok(Ok(v)) => Ok(v),
             _ => {
                 if let Ok(mut p) = self.pending.0.lock() {
                     p.remove(&id);
                 }
-                Err(format!("no reply from {role} to {action} within {REPLY_TIMEOUT:?}").into())
+                Err(format!("no reply from {role} to {action} within {wait:?}").into())
             }
         }
     }
@@ -634,19 +703,26 @@ impl Orchestrator {
     }
 
     /// One task: writer, then critic, then the announcement.
-    async fn execute_task(&self, n: u64, fail: bool) -> Result<f64, BoxError> {
+    async fn execute_task(&self, n: u64, plan: Planned) -> Result<f64, BoxError> {
         let subject = format!("task-article-{n}");
         let tracer = self.provider.tracer("ai_team.orchestrator");
         let mut span = tracer.start("execute_task");
         span.set_attribute(KeyValue::new("mindbus.task.subject", subject.clone()));
         let cx = Context::current_with_span(span);
         let outcome: Result<f64, BoxError> = async {
+            let normal = Duration::from_secs(300);
             let mut params = json!({"topic": "AI trends", "length": 2000});
-            if fail {
-                params["simulate_error"] = json!("DEADLINE_EXCEEDED");
+            let mut deadline = normal;
+            match plan {
+                Planned::WriterDeadline => params["simulate_error"] = json!("DEADLINE_EXCEEDED"),
+                Planned::ReplyTimeout => {
+                    deadline = SHORT_DEADLINE;
+                    params["simulate_delay_ms"] = json!(SHORT_DEADLINE.as_millis() as u64 + 500);
+                }
+                Planned::Success | Planned::CriticExhausted => {}
             }
             let article = self
-                .call("writer", "generate_article", &subject, params)
+                .call("writer", "generate_article", &subject, params, deadline)
                 .await?;
             if article["type"] != "ai.team.result" {
                 let code = article["data"]["error"]["code"]
@@ -655,14 +731,20 @@ impl Orchestrator {
                     .to_owned();
                 return Err(format!("writer failed: {code}").into());
             }
+            let mut params = json!({"article": article["data"]["output"]["article"]});
+            if plan == Planned::CriticExhausted {
+                params["simulate_error"] = json!("RESOURCE_EXHAUSTED");
+            }
             let review = self
-                .call(
-                    "critic",
-                    "review_article",
-                    &subject,
-                    json!({"article": article["data"]["output"]["article"]}),
-                )
+                .call("critic", "review_article", &subject, params, normal)
                 .await?;
+            if review["type"] != "ai.team.result" {
+                let code = review["data"]["error"]["code"]
+                    .as_str()
+                    .unwrap_or("UNKNOWN")
+                    .to_owned();
+                return Err(format!("critic failed: {code}").into());
+            }
             let score = review["data"]["output"]["quality_score"]
                 .as_f64()
                 .unwrap_or(0.0);
@@ -839,6 +921,86 @@ async fn start_orchestrator(
     })
 }
 
+/// Task outcomes, one line per task.
+#[derive(Default)]
+struct Tally {
+    completed: u64,
+    planned_failures: u64,
+    unexpected: u64,
+}
+
+impl Tally {
+    fn report(&mut self, n: u64, plan: Planned, outcome: Result<f64, BoxError>) {
+        match outcome {
+            Ok(score) => {
+                self.completed += 1;
+                println!("task {n}: completed, quality score {score:.1}");
+            }
+            Err(e) if plan != Planned::Success => {
+                self.planned_failures += 1;
+                println!("task {n}: failed as planned ({e})");
+            }
+            Err(e) => {
+                self.unexpected += 1;
+                println!("task {n}: FAILED ({e})");
+            }
+        }
+    }
+}
+
+/// `--serve`: a task every `1/rate` seconds, each running on its own, until
+/// Ctrl-C or SIGTERM; then the tasks in hand finish (each within its
+/// COMMANDs' reply timeout) before the roles stop.
+async fn serve(
+    orch: &Arc<Orchestrator>,
+    rate: f64,
+    telemetry: &mindbus_telemetry::Telemetry,
+    tally: &mut Tally,
+) {
+    let period = Duration::from_secs_f64(1.0 / rate);
+    println!("serving a task every {period:?}; Ctrl-C to stop");
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tasks = tokio::task::JoinSet::new();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let mut n = 0;
+    let report = |done: Result<(u64, Planned, Result<f64, BoxError>), _>, tally: &mut Tally| {
+        match done {
+            Ok((n, plan, outcome)) => tally.report(n, plan, outcome),
+            Err(e) => {
+                tally.unexpected += 1;
+                println!("a task panicked: {e}");
+            }
+        }
+        for tree in telemetry.take_rendered_traces() {
+            println!("{tree}");
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticks.tick() => {
+                n += 1;
+                let (orch, plan) = (orch.clone(), Planned::served(n));
+                tasks.spawn(async move { (n, plan, orch.execute_task(n, plan).await) });
+            }
+            Some(done) = tasks.join_next() => report(done, tally),
+        }
+    }
+    println!("stopping: {} task(s) in hand", tasks.len());
+    // Two calls per task, each bounded by REPLY_TIMEOUT.
+    let bound = 2 * REPLY_TIMEOUT + Duration::from_secs(1);
+    while let Ok(Some(done)) = tokio::time::timeout(bound, tasks.join_next()).await {
+        report(done, tally);
+    }
+    tasks.abort_all();
+    println!(
+        "served {n} task(s): {} completed, {} failed as planned, {} failed unexpectedly",
+        tally.completed, tally.planned_failures, tally.unexpected
+    );
+}
+
 fn print_metrics_summary(exposition: &str) {
     const SHOWN: [&str; 8] = [
         "ai_team_tasks_total",
@@ -871,11 +1033,16 @@ async fn main() -> Result<(), BoxError> {
     let service = args.role.clone().unwrap_or_else(|| "ai_team".to_owned());
     // Each task's trace tree is captured and printed after the task (also
     // when spans go to a collector); MINDBUS_TRACE_VIEW=off turns it off.
+    // With --serve it would flood the terminal: off unless asked.
     let mut config = mindbus_telemetry::Config::from_env()
         .default_service_name(&service)
         .service_version(env!("CARGO_PKG_VERSION"));
     if std::env::var("MINDBUS_TRACE_VIEW").is_err() {
-        config = config.trace_view(mindbus_telemetry::TraceViewMode::On);
+        config = config.trace_view(if args.serve {
+            mindbus_telemetry::TraceViewMode::Off
+        } else {
+            mindbus_telemetry::TraceViewMode::On
+        });
     }
     let telemetry = mindbus_telemetry::init(
         config.trace_view_output(mindbus_telemetry::TraceViewOutput::Capture),
@@ -898,20 +1065,25 @@ async fn main() -> Result<(), BoxError> {
             let critic_p = telemetry.tracer_provider_for("critic");
             let writer = start_agent(&conn, "writer", &names, &writer_p, Budget::new(None)).await?;
             let critic = start_agent(&conn, "critic", &names, &critic_p, Budget::new(None)).await?;
-            let orch = start_orchestrator(&conn, &exchange, &orch_p).await?;
-            let mut failures = 0;
-            for n in 1..=args.tasks {
-                let fail = n == args.tasks;
-                match orch.execute_task(n, fail).await {
-                    Ok(score) => println!("task {n}: completed, quality score {score:.1}"),
-                    Err(e) if fail => println!("task {n}: failed as planned ({e})"),
-                    Err(e) => {
-                        failures += 1;
-                        println!("task {n}: FAILED ({e})");
-                    }
+            let orch = Arc::new(start_orchestrator(&conn, &exchange, &orch_p).await?);
+            let mut tally = Tally::default();
+            if args.serve {
+                if let Some(addr) = telemetry.metrics_addr() {
+                    println!("metrics are served on http://{addr}/metrics");
                 }
-                for tree in telemetry.take_rendered_traces() {
-                    println!("{tree}");
+                serve(&orch, args.rate, &telemetry, &mut tally).await;
+            } else {
+                for n in 1..=args.tasks {
+                    let plan = if n == args.tasks {
+                        Planned::WriterDeadline
+                    } else {
+                        Planned::Success
+                    };
+                    let outcome = orch.execute_task(n, plan).await;
+                    tally.report(n, plan, outcome);
+                    for tree in telemetry.take_rendered_traces() {
+                        println!("{tree}");
+                    }
                 }
             }
             writer.cancel().await?;
@@ -923,7 +1095,7 @@ async fn main() -> Result<(), BoxError> {
             if let Some(text) = telemetry.prometheus_render() {
                 print_metrics_summary(&text);
             }
-            if let Some(addr) = telemetry.metrics_addr() {
+            if let Some(addr) = telemetry.metrics_addr().filter(|_| !args.serve) {
                 println!("\nmetrics are served on http://{addr}/metrics");
             }
             if !args.linger.is_zero() {
@@ -937,27 +1109,28 @@ async fn main() -> Result<(), BoxError> {
                 }
             }
             conn.close(200, "done".into()).await.ok();
-            if failures > 0 {
-                return Err(format!("{failures} task(s) failed unexpectedly").into());
+            if tally.unexpected > 0 {
+                return Err(format!("{} task(s) failed unexpectedly", tally.unexpected).into());
             }
         }
         Some("orchestrator") => {
-            // One task a second until stopped (or --max-messages tasks).
+            // One task a second (or --rate a second) until stopped (or
+            // --max-messages tasks), failing as --serve does.
             let p = telemetry.tracer_provider_for("orchestrator");
             let orch = start_orchestrator(&conn, &exchange, &p).await?;
+            let pause = Duration::from_secs_f64(1.0 / args.rate);
+            let mut tally = Tally::default();
             let mut n = 0;
             while args.max_messages.is_none_or(|m| n < m) {
                 n += 1;
+                let plan = Planned::served(n);
                 let res = tokio::select! {
-                    r = orch.execute_task(n, n % 5 == 0) => r,
+                    r = orch.execute_task(n, plan) => r,
                     _ = shutdown_signal() => break,
                 };
-                match res {
-                    Ok(score) => println!("task {n}: completed, quality score {score:.1}"),
-                    Err(e) => println!("task {n}: failed ({e})"),
-                }
+                tally.report(n, plan, res);
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown_signal() => break,
                 }
             }
