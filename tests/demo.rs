@@ -1174,3 +1174,318 @@ async fn metrics_through_the_real_collector_match_the_pull_endpoint() {
     pushed_cleanup.run().await;
     pulled_cleanup.run().await;
 }
+
+// ------------------------------------------- the dashboards on a real Prometheus
+
+/// `query` percent-encoded for a URL's query string.
+fn url_encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server on a free loopback port, scraping `target` every
+/// second into temporary storage; killed when dropped.
+struct Prometheus {
+    name: &'static str,
+    port: u16,
+    _child: tokio::process::Child,
+    _dir: TempDir,
+}
+
+/// A temporary folder, deleted when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("mindbus-{what}-{}", random_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Prometheus {
+    async fn start(name: &'static str, binary: PathBuf, target: u16) -> Prometheus {
+        let dir = TempDir::new("prometheus");
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: ai_team\n    static_configs:\n      \
+                 - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
+        let child = Command::new(&binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}: run `bash .ci/deps.sh --all` (Debian's prometheus and Prometheus 3)",
+                    binary.display()
+                )
+            });
+        wait_healthy(name, port, "/-/ready").await;
+        Prometheus {
+            name,
+            port,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// The server's version, from its build-info API.
+    async fn version(&self) -> String {
+        let info: Value =
+            serde_json::from_str(&http_get(self.port, "/api/v1/status/buildinfo").await).unwrap();
+        info["data"]["version"].as_str().unwrap_or("?").to_owned()
+    }
+
+    /// An instant query: the values it returns (one per series; a scalar is
+    /// one value), or the error Prometheus gives.
+    async fn query(&self, promql: &str) -> Result<Vec<f64>, String> {
+        let body = http_get(
+            self.port,
+            &format!("/api/v1/query?query={}", url_encode(promql)),
+        )
+        .await;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if v["status"] != "success" {
+            return Err(format!("{}: {}", v["errorType"], v["error"]));
+        }
+        let value = |pair: &Value| -> f64 {
+            pair[1]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        Ok(match v["data"]["resultType"].as_str() {
+            Some("vector") => v["data"]["result"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| value(&s["value"]))
+                .collect(),
+            Some("scalar") => vec![value(&v["data"]["result"])],
+            other => return Err(format!("unexpected result type {other:?}")),
+        })
+    }
+
+    /// The values of `label` on the series of `metric` (Grafana's
+    /// `label_values(metric, label)`).
+    async fn label_values(&self, metric: &str, label: &str) -> Vec<String> {
+        let body = http_get(
+            self.port,
+            &format!(
+                "/api/v1/label/{label}/values?match[]={}",
+                url_encode(metric)
+            ),
+        )
+        .await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// What the closing check found for one query on one server.
+fn verdict(result: &Result<Vec<f64>, String>) -> Result<f64, String> {
+    match result {
+        Err(e) => Err(format!("error {e}")),
+        Ok(values) if values.is_empty() => Err("no data".to_owned()),
+        Ok(values) => values
+            .iter()
+            .copied()
+            .find(|v| v.is_finite())
+            .ok_or_else(|| format!("no finite value in {values:?}")),
+    }
+}
+
+/// What an error panel adds so that "none happened" is 0, not No data.
+const ZERO_FALLBACK: &str = " or on() vector(0)";
+
+/// Panels about what the demo never does (publish failures, handler
+/// failures, hostile trace contexts, label overflow): their 0 is all there
+/// is to see. Every other panel's query must find series of its own.
+const NOT_IN_THE_DEMO: &[&str] = &[
+    "Messaging errors by error_type",
+    "Rejected trace contexts by reason",
+    "Label overflow by label",
+];
+
+/// Every query of the three dashboards, as Grafana sends it (with the "All"
+/// value of each variable, Grafana's `$__rate_interval` for a 1 s scrape
+/// and `$__range` the time the traffic has run), evaluated by Debian's
+/// Prometheus 2.42 and by Prometheus 3.16 while both scrape the live demo
+/// (`--serve`): each returns at least one finite value on both, and each
+/// variable lists values. Polls until all do, so it ends as soon as the
+/// traffic has covered every panel (the failure kinds come every 15 tasks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_returns_data_on_prometheus_2_and_3_scraping_the_live_demo() {
+    let queries = dashboards::panel_queries();
+    assert!(queries.len() >= 40, "{} queries", queries.len());
+    let prefix = format!("{}.", unique("serve"));
+    let exchange = unique("serve.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--serve", "--rate", "5"])
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("MINDBUS_TRACE_VIEW", "off")
+        .env("OTEL_TRACES_EXPORTER", "none");
+    isolated(&mut cmd, &prefix, &exchange);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the demo said where it serves its metrics")
+            .unwrap()
+            .expect("the demo is running");
+        if let Some(port) = served_port(&line) {
+            break port;
+        }
+    };
+    // The rest of stdout, one line per task, read while it runs.
+    let stdout = tokio::spawn(async move {
+        let mut out = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    });
+    let servers = [
+        Prometheus::start("prometheus", PathBuf::from("prometheus"), port).await,
+        Prometheus::start("prometheus3", tools::tool("prometheus3"), port).await,
+    ];
+    let versions = [servers[0].version().await, servers[1].version().await];
+    assert!(versions[0].starts_with("2."), "{versions:?}");
+    assert!(versions[1].starts_with("3."), "{versions:?}");
+    let started = std::time::Instant::now();
+
+    // Grafana: $__rate_interval = max($__interval + scrape, 4 * scrape).
+    let (rate_interval, interval) = ("4s", "1s");
+    let mut report = Vec::new();
+    let mut all_good = false;
+    while !all_good && started.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let range = format!("{}s", started.elapsed().as_secs().max(1));
+        report.clear();
+        all_good = true;
+        for q in &queries {
+            let promql = q.instantiate(&range, rate_interval, interval);
+            // `or on() vector(0)` answers 0 when nothing happened; what
+            // happens in the demo must also show without it, or the 0
+            // would hide a query that matches nothing.
+            let bare = promql.replace(ZERO_FALLBACK, "");
+            let produced = !NOT_IN_THE_DEMO.contains(&q.panel.as_str());
+            let mut row = Vec::new();
+            for server in &servers {
+                let mut v = verdict(&server.query(&promql).await);
+                if v.is_ok()
+                    && bare != promql
+                    && produced
+                    && let Err(e) = verdict(&server.query(&bare).await)
+                {
+                    v = Err(format!("only the 0 fallback; without it: {e}"));
+                }
+                all_good &= v.is_ok();
+                row.push(v);
+            }
+            report.push((q, promql, row));
+        }
+        for (metric, label) in dashboards::label_values_queries() {
+            for server in &servers {
+                all_good &= !server.label_values(&metric, &label).await.is_empty();
+            }
+        }
+    }
+    let table: String = report
+        .iter()
+        .map(|(q, promql, row)| {
+            format!(
+                "{} | {} | {promql} | {:?} | {:?}\n",
+                q.dashboard, q.panel, row[0], row[1]
+            )
+        })
+        .collect();
+    println!(
+        "after {:?} of traffic; Prometheus {} and {}:\n{table}",
+        started.elapsed(),
+        versions[0],
+        versions[1]
+    );
+    for (metric, label) in dashboards::label_values_queries() {
+        for server in &servers {
+            let values = server.label_values(&metric, &label).await;
+            assert!(
+                !values.is_empty(),
+                "{}: label_values({metric}, {label}) is empty",
+                server.name
+            );
+        }
+    }
+    let bad: Vec<&str> = table.lines().filter(|l| l.contains("Err(")).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} dashboard queries do not return a finite value:\n{}",
+        bad.len(),
+        report.len(),
+        bad.join("\n")
+    );
+
+    // The demo stops on SIGTERM, finishing the tasks in hand.
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .expect("the demo stopped within 40 s of SIGTERM")
+        .unwrap();
+    let stdout = stdout.await.unwrap();
+    assert!(status.success(), "demo exit status {status}\n{stdout}");
+    for planned in [
+        "failed as planned (writer failed: DEADLINE_EXCEEDED)",
+        "failed as planned (critic failed: RESOURCE_EXHAUSTED)",
+        "failed as planned (no reply from writer to generate_article within 1s)",
+        ": completed, quality score",
+    ] {
+        assert!(stdout.contains(planned), "{planned}\n{stdout}");
+    }
+    assert!(
+        stdout.contains(" failed as planned, 0 failed unexpectedly"),
+        "{stdout}"
+    );
+    cleanup.run().await;
+}

@@ -1147,6 +1147,45 @@ fn dashboards_cover_the_plugin_metrics() {
     }
 }
 
+/// A panel about errors answers 0 when none happened, not "No data" (which
+/// an operator cannot tell from a broken scrape): its query, or the
+/// numerator of its ratio, ends with `or on() vector(0)`, which adds the 0
+/// only when the left side has no series at all. That the real Prometheus
+/// returns a value for each is checked with live traffic in
+/// `tests/demo.rs`.
+#[test]
+fn error_panels_answer_zero_when_none_happened() {
+    const ZERO: &str = " or on() vector(0)";
+    let mut checked = 0;
+    for q in dashboards::panel_queries() {
+        let title = q.panel.to_lowercase();
+        if !["error", "fail", "rejected", "overflow"]
+            .iter()
+            .any(|w| title.contains(w))
+        {
+            continue;
+        }
+        checked += 1;
+        let numerator = match q.expr.split_once(" / ") {
+            Some((num, _)) => num
+                .strip_prefix('(')
+                .and_then(|n| n.strip_suffix(')'))
+                .unwrap_or(num)
+                .to_owned(),
+            None => q.expr.clone(),
+        };
+        assert!(
+            numerator.ends_with(ZERO),
+            "{} / {}: {} gives No data when nothing failed; end it (or its numerator) with `{}`",
+            q.dashboard,
+            q.panel,
+            q.expr,
+            ZERO.trim()
+        );
+    }
+    assert!(checked >= 7, "only {checked} error panels found");
+}
+
 // ------------------------------------------------------------------ extractor
 
 fn names(expr: &str) -> Vec<String> {

@@ -93,6 +93,116 @@ pub fn dashboard_exprs() -> Vec<(PathBuf, String)> {
         .collect()
 }
 
+/// One query of a dashboard panel.
+pub struct PanelQuery {
+    /// The dashboard file's name, e.g. `task-overview.json`.
+    pub dashboard: String,
+    pub panel: String,
+    pub expr: String,
+    /// The dashboard's template variables, each with the value Grafana
+    /// sends for "All" (`allValue`).
+    pub variables: Vec<(String, String)>,
+}
+
+impl PanelQuery {
+    /// The query as Grafana sends it to Prometheus: `$__range`,
+    /// `$__rate_interval` and `$__interval` replaced by the given windows
+    /// and every variable (`$name`, `${name}`) by its "All" value. Panics
+    /// if a `$` is left (an unknown variable would send invalid PromQL).
+    pub fn instantiate(&self, range: &str, rate_interval: &str, interval: &str) -> String {
+        let mut vars: Vec<(String, &str)> = vec![
+            ("__rate_interval".to_owned(), rate_interval),
+            ("__interval".to_owned(), interval),
+            ("__range".to_owned(), range),
+        ];
+        vars.extend(self.variables.iter().map(|(n, v)| (n.clone(), v.as_str())));
+        // Longest names first, so that `$__interval` does not eat
+        // `$__interval_ms`.
+        vars.sort_by_key(|(n, _)| std::cmp::Reverse(n.len()));
+        let mut out = self.expr.clone();
+        for (name, value) in vars {
+            out = out.replace(&format!("${{{name}}}"), value);
+            out = out.replace(&format!("${name}"), value);
+        }
+        assert!(
+            !out.contains('$'),
+            "{} / {}: a variable is left in {out}",
+            self.dashboard,
+            self.panel
+        );
+        out
+    }
+}
+
+/// The template variables of a dashboard with the value Grafana sends when
+/// "All" is selected. Panics on a variable that has no "All" value (the
+/// tests would not know what to send).
+pub fn all_values(dashboard: &Value) -> Vec<(String, String)> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            let name = v["name"].as_str().expect("a variable has a name");
+            assert!(v["includeAll"] == true, "variable {name} has no All option");
+            let all = v["allValue"]
+                .as_str()
+                .unwrap_or_else(|| panic!("variable {name} has no allValue"));
+            (name.to_owned(), all.to_owned())
+        })
+        .collect()
+}
+
+/// Every query of every dashboard, with its panel's title and the
+/// dashboard's variables.
+pub fn panel_queries() -> Vec<PanelQuery> {
+    let mut out = Vec::new();
+    for file in dashboard_files() {
+        let dashboard = load_dashboard(&file);
+        let variables = all_values(&dashboard);
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        for panel in all_panels(&dashboard) {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                out.push(PanelQuery {
+                    dashboard: name.clone(),
+                    panel: panel["title"].as_str().unwrap_or_default().to_owned(),
+                    expr: target["expr"].as_str().unwrap_or_default().to_owned(),
+                    variables: variables.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The variable queries of every dashboard (`label_values(metric, label)`),
+/// as `(metric, label)`.
+pub fn label_values_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for file in dashboard_files() {
+        let dashboard = load_dashboard(&file);
+        for v in dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let q = v["query"]["query"]
+                .as_str()
+                .or(v["query"].as_str())
+                .unwrap_or_default();
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|r| r.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("unhandled variable query {q}"));
+            let (metric, label) = inner
+                .split_once(',')
+                .unwrap_or_else(|| panic!("label_values without a metric: {q}"));
+            out.push((metric.trim().to_owned(), label.trim().to_owned()));
+        }
+    }
+    out
+}
+
 /// The metric (series) names used by the dashboards, exactly as written:
 /// histogram series keep their `_bucket` / `_sum` / `_count` suffix.
 pub fn metric_names_in_dashboards() -> BTreeSet<String> {
