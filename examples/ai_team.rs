@@ -1002,9 +1002,10 @@ async fn serve(
 }
 
 fn print_metrics_summary(exposition: &str) {
-    const SHOWN: [&str; 8] = [
+    const SHOWN: [&str; 9] = [
         "ai_team_tasks_total",
         "ai_team_tasks_in_progress",
+        "ai_team_commands_total",
         "ai_team_llm_calls_total",
         "ai_team_llm_tokens_total",
         "ai_team_llm_cost_dollars_total",

@@ -219,10 +219,17 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
     assert!(stdout.contains("task 1: completed"), "{stdout}");
     assert!(stdout.contains("task 3: failed as planned"), "{stdout}");
     assert!(stdout.contains("      llm_call (writer)"), "{stdout}");
-    assert!(
-        stdout.contains("ai_team_tasks_total{status=\"failed\"} 1"),
-        "{stdout}"
-    );
+    // Three tasks (two completed, one failed), five COMMANDs.
+    for line in [
+        "ai_team_tasks_total{status=\"pending\"} 3",
+        "ai_team_tasks_total{status=\"completed\"} 2",
+        "ai_team_tasks_total{status=\"failed\"} 1",
+        "ai_team_commands_total{status=\"pending\"} 5",
+        "ai_team_commands_total{status=\"completed\"} 4",
+        "ai_team_commands_total{status=\"failed\"} 1",
+    ] {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
 
     // OTLP: one trace per task.
     let spans = rx

@@ -209,7 +209,7 @@ async fn metrics_from_real_traffic() {
     }
     let event =
         br#"{"specversion":"1.0","type":"ai.team.event","source":"orchestrator-core","id":"ev1",
-        "data":{"event_type":"task.completed"}}"#;
+        "subject":"task-1","data":{"event_type":"task.completed","event_data":{"task_id":"task-1"}}}"#;
     publish(
         &orchestrator,
         &exchange,
@@ -235,29 +235,34 @@ async fn metrics_from_real_traffic() {
     let text = prom.render();
     let s = Scrape(parse(&text), text.clone());
 
-    // AI_TEAM task metrics.
-    assert_eq!(s.get("ai_team_tasks_total", &[("status", "pending")]), 2.0);
-    assert_eq!(
-        s.get("ai_team_tasks_total", &[("status", "completed")]),
-        1.0
-    );
-    assert_eq!(s.get("ai_team_tasks_total", &[("status", "failed")]), 1.0);
-    assert_eq!(s.get("ai_team_tasks_total", &[("status", "expired")]), 0.0);
+    // AI_TEAM task metrics: one task (subject task-1, two COMMANDs, ended
+    // by its EVENT), and the per-COMMAND view.
+    let tasks = |status: &str| s.get("ai_team_tasks_total", &[("status", status)]);
+    assert_eq!(tasks("pending"), 1.0);
+    assert_eq!(tasks("completed"), 1.0);
+    assert_eq!((tasks("failed"), tasks("expired")), (0.0, 0.0));
     assert_eq!(s.get("ai_team_tasks_in_progress", &[]), 0.0);
     assert_eq!(
         s.get(
             "ai_team_task_duration_seconds_count",
-            &[("task_type", "generate_article")]
+            &[("task_type", "unknown")]
         ),
         1.0
     );
-    assert_eq!(
-        s.get(
-            "ai_team_task_duration_seconds_count",
-            &[("task_type", "review_article")]
-        ),
-        1.0
-    );
+    let commands = |status: &str| s.get("ai_team_commands_total", &[("status", status)]);
+    assert_eq!(commands("pending"), 2.0);
+    assert_eq!((commands("completed"), commands("failed")), (1.0, 1.0));
+    assert_eq!(commands("expired"), 0.0);
+    assert_eq!(s.get("ai_team_commands_in_progress", &[]), 0.0);
+    for action in ["generate_article", "review_article"] {
+        assert_eq!(
+            s.get(
+                "ai_team_command_duration_seconds_count",
+                &[("action", action)]
+            ),
+            1.0
+        );
+    }
     let llm = [("model", "gpt-4"), ("agent", "agent.writer.001")];
     assert_eq!(s.get("ai_team_llm_calls_total", &llm), 1.0);
     assert_eq!(s.get("ai_team_llm_tokens_total", &llm), 3500.0);

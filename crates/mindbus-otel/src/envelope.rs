@@ -192,11 +192,16 @@ pub struct Envelope {
     status: Option<Text>,
     error_code: Option<Text>,
     model: Option<Text>,
+    event_name: Option<Text>,
+    task_id: Option<Text>,
+    task_type: Option<Text>,
+    process_id: Option<Text>,
     tokens_used: Option<f64>,
     cost_usd: Option<f64>,
     latency_ms: Option<f64>,
     execution_time_ms: Option<f64>,
     quality_score: Option<f64>,
+    duration_seconds: Option<f64>,
     has_metrics: bool,
 }
 
@@ -243,6 +248,11 @@ impl Envelope {
         self.status = f.data.status;
         self.error_code = f.data.error_code;
         self.model = f.data.model;
+        self.event_name = f.data.event_name;
+        self.task_id = f.data.task_id;
+        self.task_type = f.data.task_type;
+        self.process_id = f.data.process_id;
+        self.duration_seconds = f.data.duration_seconds;
         self.tokens_used = f.data.tokens_used;
         self.cost_usd = f.data.cost_usd.or(f.data.estimated_cost_usd);
         self.latency_ms = f.data.latency_ms;
@@ -323,6 +333,20 @@ impl<'a> EnvelopeRef<'a> {
         error_code;
         /// `data.metrics.model` of a RESULT.
         model;
+        /// `data.event_type` of an EVENT, e.g. `task.completed`.
+        event_name;
+        /// `data.event_data.task_id` of an EVENT.
+        task_id;
+        /// `data.event_data.task_type` of an EVENT, or
+        /// `data.context.task_type` of a COMMAND.
+        task_type;
+        /// `data.context.process_id` of a COMMAND.
+        process_id;
+    }
+
+    /// `data.event_data.duration_seconds` of an EVENT.
+    pub fn duration_seconds(&self) -> Option<f64> {
+        self.env.duration_seconds
     }
 
     /// True when the body has a `data.metrics` object.
@@ -386,6 +410,11 @@ struct DataFields {
     status: Option<Text>,
     error_code: Option<Text>,
     model: Option<Text>,
+    event_name: Option<Text>,
+    task_id: Option<Text>,
+    task_type: Option<Text>,
+    process_id: Option<Text>,
+    duration_seconds: Option<f64>,
     tokens_used: Option<f64>,
     cost_usd: Option<f64>,
     estimated_cost_usd: Option<f64>,
@@ -419,6 +448,13 @@ enum Slot {
     EstimatedCostUsd,
     LatencyMs,
     QualityScore,
+    EventName,
+    EventData,
+    Context,
+    TaskId,
+    TaskType,
+    ProcessId,
+    DurationSeconds,
 }
 
 /// Which object the scanner is in.
@@ -429,6 +465,8 @@ enum Level {
     Error,
     Metrics,
     Output,
+    EventData,
+    Context,
 }
 
 fn slot(level: Level, key: &[u8]) -> Option<Slot> {
@@ -447,6 +485,13 @@ fn slot(level: Level, key: &[u8]) -> Option<Slot> {
         (Level::Data, b"metrics") => Slot::Metrics,
         (Level::Data, b"output") => Slot::Output,
         (Level::Data, b"execution_time_ms") => Slot::ExecutionTimeMs,
+        (Level::Data, b"event_type") => Slot::EventName,
+        (Level::Data, b"event_data") => Slot::EventData,
+        (Level::Data, b"context") => Slot::Context,
+        (Level::EventData, b"task_id") => Slot::TaskId,
+        (Level::EventData | Level::Context, b"task_type") => Slot::TaskType,
+        (Level::EventData, b"duration_seconds") => Slot::DurationSeconds,
+        (Level::Context, b"process_id") => Slot::ProcessId,
         (Level::Error, b"code") => Slot::Code,
         (Level::Metrics, b"model") => Slot::Model,
         (Level::Metrics, b"tokens_used") => Slot::TokensUsed,
@@ -474,6 +519,15 @@ fn reset(level: Level, out: &mut Fields) {
             d.has_metrics = false;
         }
         Level::Output => d.quality_score = None,
+        Level::EventData => {
+            d.task_id = None;
+            d.task_type = None;
+            d.duration_seconds = None;
+        }
+        Level::Context => {
+            d.task_type = None;
+            d.process_id = None;
+        }
     }
 }
 
@@ -490,6 +544,10 @@ fn text_slot(slot: Slot, out: &mut Fields) -> Option<&mut Option<Text>> {
         Slot::Status => &mut out.data.status,
         Slot::Code => &mut out.data.error_code,
         Slot::Model => &mut out.data.model,
+        Slot::EventName => &mut out.data.event_name,
+        Slot::TaskId => &mut out.data.task_id,
+        Slot::TaskType => &mut out.data.task_type,
+        Slot::ProcessId => &mut out.data.process_id,
         _ => return None,
     })
 }
@@ -502,6 +560,7 @@ fn num_slot(slot: Slot, out: &mut Fields) -> Option<&mut Option<f64>> {
         Slot::EstimatedCostUsd => &mut out.data.estimated_cost_usd,
         Slot::LatencyMs => &mut out.data.latency_ms,
         Slot::QualityScore => &mut out.data.quality_score,
+        Slot::DurationSeconds => &mut out.data.duration_seconds,
         _ => return None,
     })
 }
@@ -626,6 +685,8 @@ impl<'a> Scanner<'a> {
             Slot::Error => Some(Level::Error),
             Slot::Metrics => Some(Level::Metrics),
             Slot::Output => Some(Level::Output),
+            Slot::EventData => Some(Level::EventData),
+            Slot::Context => Some(Level::Context),
             _ => None,
         };
         if let Some(level) = nested {
@@ -1097,6 +1158,11 @@ mod tests {
         );
         assert_eq!(v.error_code(), None);
         assert!(!v.has_metrics());
+        assert_eq!(v.process_id(), Some("blog-001"));
+        assert_eq!(
+            (v.task_type(), v.event_name(), v.task_id()),
+            (None, None, None)
+        );
         // One allocation of the planned size holds every kept field.
         assert!(env.text.len() <= TEXT_CAPACITY, "{}", env.text.len());
     }
@@ -1126,11 +1192,42 @@ mod tests {
         assert_eq!(env.view().error_code(), Some("DEADLINE_EXCEEDED"));
         assert_eq!(env.view().execution_time_ms(), Some(30500.0));
         let (rk, body) = fixture("event");
-        assert_eq!(Envelope::read(&rk, &body).kind(), MessageKind::Event);
+        let env = Envelope::read(&rk, &body);
+        assert_eq!(env.kind(), MessageKind::Event);
+        let v = env.view();
+        assert_eq!(v.event_name(), Some("task.completed"));
+        assert_eq!(v.task_id(), Some("task-article-555"));
+        assert_eq!(v.duration_seconds(), Some(40.0));
+        assert_eq!(v.task_type(), None);
         let (rk, body) = fixture("control");
         let env = Envelope::read(&rk, &body);
         assert_eq!(env.kind(), MessageKind::Control);
         assert_eq!(env.view().source(), Some("human-operator"));
+    }
+
+    #[test]
+    fn task_fields_at_their_own_levels_only() {
+        let body = br#"{"specversion":"1.0","type":"ai.team.event","task_type":"top",
+            "data":{"event_type":"task.failed","task_id":"wrong-level",
+                    "event_data":{"task_id":"t-1","task_type":"article","duration_seconds":"2.5",
+                                  "process_id":"wrong-level"},
+                    "context":{"task_type":"blog","process_id":"p-1"}}}"#;
+        let env = Envelope::read("evt.task.failed", body);
+        let v = env.view();
+        assert_eq!(v.event_name(), Some("task.failed"));
+        assert_eq!(v.task_id(), Some("t-1"));
+        assert_eq!(v.duration_seconds(), Some(2.5));
+        // Both levels name a task type: the later one wins.
+        assert_eq!(v.task_type(), Some("blog"));
+        assert_eq!(v.process_id(), Some("p-1"));
+        // A repeated event_data forgets the first one's fields.
+        let body =
+            br#"{"data":{"event_data":{"task_id":"a","duration_seconds":1},"event_data":{}}}"#;
+        let env = Envelope::read("evt.task.failed", body);
+        assert_eq!(
+            (env.view().task_id(), env.view().duration_seconds()),
+            (None, None)
+        );
     }
 
     #[test]
