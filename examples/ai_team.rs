@@ -840,6 +840,51 @@ async fn shutdown_signal() {
     }
 }
 
+/// Ctrl-C or SIGTERM, listened for once for the whole process: every wait
+/// on it, before or after the signal, sees it.
+#[derive(Clone)]
+struct Stop(tokio::sync::watch::Receiver<bool>);
+
+impl Stop {
+    fn listen() -> Stop {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = tx.send(true);
+        });
+        Stop(rx)
+    }
+
+    fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    async fn wait(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// After the work: says where the metrics are served and, with `--linger`,
+/// keeps serving them that long (or until stopped), so that a scraper sees
+/// the final values.
+async fn linger(args: &Args, telemetry: &mindbus_telemetry::Telemetry, stop: &Stop) {
+    if let Some(addr) = telemetry.metrics_addr() {
+        println!("\nmetrics are served on http://{addr}/metrics");
+    }
+    if args.linger.is_zero() || stop.requested() {
+        return;
+    }
+    println!(
+        "lingering {}s so the final metrics can be scraped",
+        args.linger.as_secs()
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(args.linger) => {}
+        _ = stop.wait() => {}
+    }
+}
+
 async fn start_agent(
     conn: &Connection,
     role: &str,
@@ -955,6 +1000,7 @@ async fn serve(
     orch: &Arc<Orchestrator>,
     rate: f64,
     telemetry: &mindbus_telemetry::Telemetry,
+    stop: &Stop,
     tally: &mut Tally,
 ) {
     let period = Duration::from_secs_f64(1.0 / rate);
@@ -962,8 +1008,6 @@ async fn serve(
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks = tokio::task::JoinSet::new();
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     let mut n = 0;
     let report = |done: Result<(u64, Planned, Result<f64, BoxError>), _>, tally: &mut Tally| {
         match done {
@@ -979,7 +1023,7 @@ async fn serve(
     };
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = stop.wait() => break,
             _ = ticks.tick() => {
                 n += 1;
                 let (orch, plan) = (orch.clone(), Planned::served(n));
@@ -1048,6 +1092,7 @@ async fn main() -> Result<(), BoxError> {
     let telemetry = mindbus_telemetry::init(
         config.trace_view_output(mindbus_telemetry::TraceViewOutput::Capture),
     )?;
+    let stop = Stop::listen();
     let conn = connect().await;
     let names = Names::from_env();
     let setup = TracedChannel::builder(conn.create_channel().await?).build();
@@ -1072,7 +1117,7 @@ async fn main() -> Result<(), BoxError> {
                 if let Some(addr) = telemetry.metrics_addr() {
                     println!("metrics are served on http://{addr}/metrics");
                 }
-                serve(&orch, args.rate, &telemetry, &mut tally).await;
+                serve(&orch, args.rate, &telemetry, &stop, &mut tally).await;
             } else {
                 for n in 1..=args.tasks {
                     let plan = if n == args.tasks {
@@ -1096,20 +1141,8 @@ async fn main() -> Result<(), BoxError> {
             if let Some(text) = telemetry.prometheus_render() {
                 print_metrics_summary(&text);
             }
-            if let Some(addr) = telemetry.metrics_addr().filter(|_| !args.serve) {
-                println!("\nmetrics are served on http://{addr}/metrics");
-            }
-            if !args.linger.is_zero() {
-                println!(
-                    "lingering {}s so the final metrics can be scraped",
-                    args.linger.as_secs()
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(args.linger) => {}
-                    _ = shutdown_signal() => {}
-                }
-            }
             conn.close(200, "done".into()).await.ok();
+            linger(&args, &telemetry, &stop).await;
             if tally.unexpected > 0 {
                 return Err(format!("{} task(s) failed unexpectedly", tally.unexpected).into());
             }
@@ -1122,20 +1155,24 @@ async fn main() -> Result<(), BoxError> {
             let pause = Duration::from_secs_f64(1.0 / args.rate);
             let mut tally = Tally::default();
             let mut n = 0;
-            while args.max_messages.is_none_or(|m| n < m) {
+            loop {
                 n += 1;
                 let plan = Planned::served(n);
                 let res = tokio::select! {
                     r = orch.execute_task(n, plan) => r,
-                    _ = shutdown_signal() => break,
+                    _ = stop.wait() => break,
                 };
                 tally.report(n, plan, res);
+                if args.max_messages.is_some_and(|m| n >= m) {
+                    break;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown_signal() => break,
+                    _ = stop.wait() => break,
                 }
             }
             conn.close(200, "done".into()).await.ok();
+            linger(&args, &telemetry, &stop).await;
         }
         Some(role) => {
             let p = telemetry.tracer_provider_for(role);
@@ -1144,7 +1181,7 @@ async fn main() -> Result<(), BoxError> {
             println!("{role}: consuming; Ctrl-C to stop");
             tokio::select! {
                 _ = budget.done.notified() => {}
-                _ = shutdown_signal() => {}
+                _ = stop.wait() => {}
             }
             // Graceful: the message in hand is finished and settled first.
             handle.cancel().await?;
@@ -1153,6 +1190,7 @@ async fn main() -> Result<(), BoxError> {
                 budget.seen.load(Ordering::SeqCst)
             );
             conn.close(200, "done".into()).await.ok();
+            linger(&args, &telemetry, &stop).await;
         }
     }
     drop(telemetry); // flushes and shuts down within its timeout

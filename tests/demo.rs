@@ -1496,3 +1496,107 @@ async fn every_dashboard_query_returns_data_on_prometheus_2_and_3_scraping_the_l
     );
     cleanup.run().await;
 }
+
+// ------------------------------------------------------------ every role lingers
+
+/// Reads `child`'s stdout until the `metrics are served on` line; the port
+/// it names, and what came before.
+async fn until_metrics_line(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    within: Duration,
+) -> (u16, String) {
+    let mut seen = String::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("metrics are served on") {
+                return served_port(&line);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(within, read).await {
+        Ok(Some(port)) => (port, seen),
+        other => panic!("no metrics line ({other:?}):\n{seen}"),
+    }
+}
+
+/// `--linger` in every role: each role, run on its own, serves its final
+/// metrics after its work (the orchestrator after its last task, the
+/// writer and critic after their last COMMAND) for as long as asked, and
+/// stops lingering at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_lingers_so_its_final_metrics_are_scraped() {
+    let prefix = format!("{}.", unique("linger"));
+    let exchange = unique("linger.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let spawn = |role: &str, prefix: &str, exchange: &str| {
+        let mut cmd = Command::new(demo_binary());
+        cmd.args(["--role", role, "--max-messages", "2", "--linger", "60"])
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("OTEL_TRACES_EXPORTER", "none")
+            .env("MINDBUS_TRACE_VIEW", "off");
+        isolated(&mut cmd, prefix, exchange);
+        cmd.spawn().unwrap()
+    };
+    let mut roles = Vec::new();
+    for role in ["writer", "critic"] {
+        roles.push((role, spawn(role, &prefix, &exchange)));
+        let conn = connect().await;
+        wait_consuming(&conn, &format!("{prefix}agent.{role}")).await;
+        conn.close(200, "bye".into()).await.ok();
+    }
+    roles.push(("orchestrator", spawn("orchestrator", &prefix, &exchange)));
+
+    // Each role's final counts, scraped after its work, while it lingers.
+    let want = [
+        (
+            "orchestrator",
+            "ai_team_tasks_total{status=\"completed\"} 2",
+        ),
+        (
+            "orchestrator",
+            "ai_team_commands_total{status=\"completed\"} 4",
+        ),
+        (
+            "writer",
+            "mindbus_messages_total{agent=\"agent.writer.001\",peer=\"orchestrator-core\",kind=\"command\",direction=\"received\",outcome=\"acked\"} 2",
+        ),
+        (
+            "critic",
+            "mindbus_messages_total{agent=\"agent.critic.001\",peer=\"orchestrator-core\",kind=\"command\",direction=\"received\",outcome=\"acked\"} 2",
+        ),
+    ];
+    for (role, child) in roles.iter_mut().rev() {
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (port, seen) = until_metrics_line(&mut lines, Duration::from_secs(60)).await;
+        let scrape = http_get(port, "/metrics").await;
+        for (_, line) in want.iter().filter(|(r, _)| r == role) {
+            assert!(scrape.contains(line), "{role}: {line}\n{seen}\n{scrape}");
+        }
+        let next = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("the lingering line")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(next.starts_with("lingering 60s"), "{role}: {next}");
+        // Still serving: it lingers, it has not exited.
+        assert!(child.try_wait().unwrap().is_none(), "{role} exited");
+    }
+    // SIGTERM ends the lingering at once.
+    for (role, child) in &mut roles {
+        let pid = child.id().unwrap().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{role} still lingers 15 s after SIGTERM"))
+            .unwrap();
+        assert!(status.success(), "{role}: {status}");
+    }
+    cleanup.run().await;
+}
