@@ -258,36 +258,142 @@ fn props(kind: &str, id: &str) -> BasicProperties {
         .with_message_id(id.into())
 }
 
-/// Declares the MindBus topology; declaring twice is harmless.
+/// One exchange or queue of the MindBus topology, as the protocol (and its
+/// reference Python client) declares it.
+struct Decl {
+    name: String,
+    /// `Some` for an exchange (its type), `None` for a queue.
+    exchange: Option<ExchangeKind>,
+    args: FieldTable,
+    /// The declaration in words, for the refusal line.
+    expected: &'static str,
+}
+
+/// The topology, in declaration order: the agent queues exactly as the
+/// protocol declares them (durable, `x-max-priority: 255`, nothing else),
+/// so agents written against either client share one queue per role; the
+/// bus and dead-letter exchanges; the dead-letter queue.
+fn topology(exchange: &str, names: &Names) -> Vec<Decl> {
+    let mut agent_args = FieldTable::default();
+    agent_args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(255));
+    let mut out: Vec<Decl> = [&names.writer, &names.critic]
+        .into_iter()
+        .map(|queue| Decl {
+            name: queue.clone(),
+            exchange: None,
+            args: agent_args.clone(),
+            expected: "durable, x-max-priority 255",
+        })
+        .collect();
+    out.extend([
+        Decl {
+            name: exchange.to_owned(),
+            exchange: Some(ExchangeKind::Topic),
+            args: FieldTable::default(),
+            expected: "durable topic",
+        },
+        Decl {
+            name: names.dlx.clone(),
+            exchange: Some(ExchangeKind::Fanout),
+            args: FieldTable::default(),
+            expected: "durable fanout",
+        },
+        Decl {
+            name: names.dead_letters.clone(),
+            exchange: None,
+            args: FieldTable::default(),
+            expected: "durable, no arguments",
+        },
+    ]);
+    out
+}
+
+async fn declare(ch: &TracedChannel, d: &Decl) -> Result<(), BoxError> {
+    let outcome = match &d.exchange {
+        Some(kind) => {
+            let durable = ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.exchange_declare(
+                d.name.as_str().into(),
+                kind.clone(),
+                durable,
+                d.args.clone(),
+            )
+            .await
+        }
+        None => {
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.queue_declare(d.name.as_str().into(), durable, d.args.clone())
+                .await
+                .map(|_| ())
+        }
+    };
+    outcome.map_err(|e| match e.kind() {
+        mindbus_otel::lapin::ErrorKind::ProtocolError(amqp) => {
+            let (what, delete) = match d.exchange {
+                Some(_) => (
+                    "exchange",
+                    format!("rabbitmqadmin delete exchange name={}", d.name),
+                ),
+                None => ("queue", format!("rabbitmqctl delete_queue {}", d.name)),
+            };
+            format!(
+                "{what} {} exists with other arguments than the protocol's ({}): {}; \
+                 delete it ({delete}) or declare it as MindBus does",
+                d.name,
+                d.expected,
+                amqp.get_message()
+            )
+            .into()
+        }
+        _ => e.into(),
+    })
+}
+
+/// Whether `d` exists, asked of the management API (a passive declare of
+/// a missing object would close its channel, which lapin logs as an
+/// error). `false` when the API does not answer.
+async fn exists(api: Option<&management::Management>, d: &Decl) -> bool {
+    let Some(api) = api else {
+        return false;
+    };
+    let kind = if d.exchange.is_some() {
+        "exchanges"
+    } else {
+        "queues"
+    };
+    api.exists(kind, &d.name).await.unwrap_or(false)
+}
+
+/// Declares the MindBus topology; declaring twice is harmless. What exists
+/// already (as the management API says) is checked first, by declaring it
+/// as the protocol does, which creates nothing: a refusal (an object
+/// declared otherwise) stops the start before anything was created, so a
+/// refused start leaves nothing behind. Without the management API the
+/// agent queues, the likeliest to be refused (they are shared with agents
+/// on other clients), are declared first. The refusal is one line naming
+/// the object and the argument.
 async fn declare_topology(
+    url: &str,
     ch: &TracedChannel,
     exchange: &str,
     names: &Names,
 ) -> Result<(), BoxError> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.exchange_declare(
-        exchange.into(),
-        ExchangeKind::Topic,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.dlx.as_str().into(),
-        ExchangeKind::Fanout,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    let q = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(names.dead_letters.as_str().into(), q, FieldTable::default())
-        .await?;
+    let decls = topology(exchange, names);
+    let api = management::Management::for_broker(url).ok();
+    for d in &decls {
+        if exists(api.as_ref(), d).await {
+            declare(ch, d).await?;
+        }
+    }
+    for d in &decls {
+        declare(ch, d).await?;
+    }
     ch.queue_bind(
         names.dead_letters.as_str().into(),
         names.dlx.as_str().into(),
@@ -300,7 +406,6 @@ async fn declare_topology(
         (names.writer.as_str(), "cmd.writer.*"),
         (names.critic.as_str(), "cmd.critic.*"),
     ] {
-        declare_agent_queue(ch, queue).await?;
         ch.queue_bind(
             queue.into(),
             exchange.into(),
@@ -311,32 +416,6 @@ async fn declare_topology(
         .await?;
     }
     Ok(())
-}
-
-/// An agent queue exactly as the MindBus protocol (and its reference Python
-/// client) declares it: durable, `x-max-priority: 255`, nothing else, so
-/// agents written against either client share one queue per role. A queue
-/// that exists with other arguments is one line naming the argument.
-async fn declare_agent_queue(ch: &TracedChannel, queue: &str) -> Result<(), BoxError> {
-    let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(255));
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    match ch.queue_declare(queue.into(), durable, args).await {
-        Ok(_) => Ok(()),
-        Err(e) => match e.kind() {
-            mindbus_otel::lapin::ErrorKind::ProtocolError(amqp) => Err(format!(
-                "queue {queue} exists with other arguments than the protocol's \
-                 (durable, x-max-priority 255): {}; delete it (rabbitmqctl delete_queue {queue}) \
-                 or declare it as MindBus does",
-                amqp.get_message()
-            )
-            .into()),
-            _ => Err(e.into()),
-        },
-    }
 }
 
 /// The policy that dead-letters nacked COMMANDs of this deployment's agent
@@ -1096,7 +1175,7 @@ async fn main() -> Result<(), BoxError> {
     let conn = connect().await;
     let names = Names::from_env();
     let setup = TracedChannel::builder(conn.create_channel().await?).build();
-    if let Err(e) = declare_topology(&setup, &exchange, &names).await {
+    if let Err(e) = declare_topology(&broker_url(), &setup, &exchange, &names).await {
         eprintln!("ai_team: {e}");
         std::process::exit(1);
     }

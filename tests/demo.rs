@@ -577,6 +577,112 @@ async fn a_queue_declared_otherwise_is_one_line_naming_the_argument() {
         )) && ours[0].contains("'x-dead-letter-exchange'"),
         "{stderr}"
     );
+    // A refused start leaves nothing behind: only the queue that was there.
+    assert_eq!(
+        left_behind(&conn, &prefix, &exchange).await,
+        [format!("queue {prefix}agent.writer")],
+        "{stderr}"
+    );
+    conn.close(200, "bye".into()).await.ok();
+    cleanup.run().await;
+}
+
+/// The demo's exchanges, queues and dead-letter policy that exist now.
+async fn left_behind(conn: &Connection, prefix: &str, exchange: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for q in ["agent.writer", "agent.critic", "mindbus.dead-letters"] {
+        let name = format!("{prefix}{q}");
+        let probe = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if probe
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_ok()
+        {
+            found.push(format!("queue {name}"));
+        }
+    }
+    for name in [exchange.to_owned(), format!("{prefix}mindbus.dlx")] {
+        let probe = conn.create_channel().await.unwrap();
+        let passive = mindbus_otel::lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if probe
+            .exchange_declare(
+                name.as_str().into(),
+                mindbus_otel::lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok()
+        {
+            found.push(format!("exchange {name}"));
+        }
+    }
+    let api = management::Management::for_broker(&url()).unwrap();
+    if api
+        .queue_policy(&format!("{prefix}agent.writer"))
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        found.push("policy".to_owned());
+    }
+    found
+}
+
+/// An exchange of the topology declared otherwise (the bus as `direct`):
+/// one line naming it, and nothing else created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_declared_otherwise_stops_the_start_with_nothing_created() {
+    let prefix = format!("{}.", unique("inequivalent-x"));
+    let exchange = unique("inequivalent-x.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        mindbus_otel::lapin::ExchangeKind::Direct,
+        mindbus_otel::lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--role", "orchestrator", "--max-messages", "1"])
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    cmd.stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the demo stops at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains(" lapin::"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{stderr}");
+    assert!(
+        ours[0].starts_with(&format!("ai_team: exchange {exchange} exists with other"))
+            && ours[0].contains("'type'"),
+        "{stderr}"
+    );
+    assert_eq!(
+        left_behind(&conn, &prefix, &exchange).await,
+        [format!("exchange {exchange}")],
+        "{stderr}"
+    );
     conn.close(200, "bye".into()).await.ok();
     cleanup.run().await;
 }

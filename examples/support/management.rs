@@ -91,6 +91,17 @@ impl Management {
         }
     }
 
+    /// Whether a queue (`kind` `queues`) or an exchange (`exchanges`) of
+    /// that name exists in the vhost.
+    pub async fn exists(&self, kind: &str, name: &str) -> Result<bool, String> {
+        let path = format!("/api/{kind}/{}/{}", encode(&self.vhost), encode(name));
+        match self.call("GET", &path, None).await? {
+            (200, _) => Ok(true),
+            (404, _) => Ok(false),
+            (status, body) => Err(format!("GET {path}: HTTP {status} {body}")),
+        }
+    }
+
     /// The name of the policy in effect on a queue and its definition, if any.
     pub async fn queue_policy(&self, queue: &str) -> Result<Option<(String, Value)>, String> {
         let path = format!("/api/queues/{}/{}", encode(&self.vhost), encode(queue));
