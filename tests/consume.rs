@@ -937,3 +937,84 @@ async fn deliveries_in_hand_when_the_channel_or_connection_closes() {
         t.finish(3, 0).await;
     }
 }
+
+/// `cancel_within` ends within its bound whatever the handler does: a
+/// handler that finishes in time is settled (`Clean`); one that does not is
+/// stopped (`TimedOut`) and its message, unsettled, goes back to the queue
+/// when the channel closes, for another consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_cancel_settles_in_time_or_leaves_the_message_to_the_broker() {
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let dlx = Dlx::declare(&raw, "consume.bounded").await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let consume = |ch: &TracedChannel| {
+        let started = started.clone();
+        let ch = ch.clone();
+        let queue = dlx.queue.clone();
+        async move {
+            ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+            ch.consume_with(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+                move |delivery| {
+                    let started = started.clone();
+                    async move {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        let pause = if &delivery.data[..] == b"slow" {
+                            30_000
+                        } else {
+                            100
+                        };
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        Ok::<(), String>(())
+                    }
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    // In time: settled.
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap()).build();
+    let handle = consume(&ch).await;
+    raw_publish(&raw, &dlx.queue, b"quick").await;
+    assert!(
+        eventually(Duration::from_secs(10), || started.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    let outcome = handle.cancel_within(Duration::from_secs(5)).await;
+    assert!(outcome.is_clean(), "{outcome}");
+    assert_eq!(message_count(&raw, &dlx.queue).await, 0);
+
+    // Not in time: stopped at the bound, the message left to the broker.
+    let ch = TracedChannel::builder(conn.create_channel().await.unwrap()).build();
+    let handle = consume(&ch).await;
+    raw_publish(&raw, &dlx.queue, b"slow").await;
+    assert!(
+        eventually(Duration::from_secs(10), || started.load(Ordering::SeqCst)
+            == 2)
+        .await
+    );
+    let t0 = Instant::now();
+    let outcome = handle.cancel_within(Duration::from_millis(300)).await;
+    let took = t0.elapsed();
+    assert!(
+        matches!(outcome, mindbus_otel::CancelOutcome::TimedOut(_)),
+        "{outcome}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    ch.close(200, "bye".into()).await.ok();
+    assert_eq!(
+        drain(&raw, &dlx.queue, 1).await,
+        vec![b"slow".to_vec()],
+        "redelivered to the next consumer"
+    );
+    assert_eq!(message_count(&raw, &dlx.dead).await, 0, "not dead-lettered");
+    dlx.delete(&raw).await;
+    conn.close(200, "bye".into()).await.ok();
+}

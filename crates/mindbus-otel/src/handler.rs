@@ -139,6 +139,41 @@ impl ConsumerHandle {
         res
     }
 
+    /// [`cancel`](Self::cancel) within `bound`, whatever the broker and the
+    /// handler do: for a shutdown that must end (a supervisor's SIGTERM,
+    /// a rolling restart). The message in hand is finished and settled if
+    /// that fits in `bound`; otherwise the consumer loop is stopped with the
+    /// message unsettled, and the broker redelivers it when the channel or
+    /// connection closes (the handler may have done part of its work: an
+    /// at-least-once redelivery, as after a crash).
+    ///
+    /// ```no_run
+    /// # async fn f(handle: mindbus_otel::ConsumerHandle) {
+    /// use mindbus_otel::CancelOutcome;
+    /// match handle.cancel_within(std::time::Duration::from_secs(5)).await {
+    ///     CancelOutcome::Clean => {}
+    ///     other => eprintln!("consumer stopped uncleanly: {other}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn cancel_within(self, bound: std::time::Duration) -> CancelOutcome {
+        let deadline = tokio::time::Instant::now() + bound;
+        let cancel = self
+            .channel
+            .basic_cancel(self.tag.clone(), BasicCancelOptions::default());
+        let cancelled = tokio::time::timeout_at(deadline, cancel).await;
+        let mut task = self.task;
+        let joined = tokio::time::timeout_at(deadline, &mut task).await;
+        if joined.is_err() {
+            task.abort();
+        }
+        match (cancelled, joined) {
+            (Err(_), _) | (_, Err(_)) => CancelOutcome::TimedOut(bound),
+            (Ok(Err(e)), Ok(_)) => CancelOutcome::Broker(e),
+            (Ok(Ok(())), Ok(_)) => CancelOutcome::Clean,
+        }
+    }
+
     /// Waits until the consumer ends (cancelled, or its channel closed).
     pub async fn join(self) {
         let _ = self.task.await;
@@ -147,6 +182,42 @@ impl ConsumerHandle {
     /// True when the consumer loop has ended.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+}
+
+/// How [`ConsumerHandle::cancel_within`] ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// Cancelled, and the message in hand (if any) was settled.
+    Clean,
+    /// The broker refused or lost the cancel (its channel or connection is
+    /// gone); the consumer loop has ended. A message it had not settled
+    /// goes back to its queue with the channel.
+    Broker(lapin::Error),
+    /// The bound passed: the consumer loop was stopped; the message in
+    /// hand, unsettled, goes back to its queue when the channel or
+    /// connection closes.
+    TimedOut(std::time::Duration),
+}
+
+impl CancelOutcome {
+    /// True for [`CancelOutcome::Clean`].
+    pub fn is_clean(&self) -> bool {
+        matches!(self, CancelOutcome::Clean)
+    }
+}
+
+impl fmt::Display for CancelOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CancelOutcome::Clean => f.write_str("cancelled, message in hand settled"),
+            CancelOutcome::Broker(e) => write!(f, "the broker did not take the cancel: {e}"),
+            CancelOutcome::TimedOut(bound) => write!(
+                f,
+                "not done within {bound:?}: stopped, the message in hand left to the broker to redeliver"
+            ),
+        }
     }
 }
 

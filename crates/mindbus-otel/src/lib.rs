@@ -126,7 +126,7 @@ pub use channel::{TracedChannel, TracedChannelBuilder};
 pub use confirm::PublisherConfirm;
 pub use delivery::{TracedConsumer, TracedDelivery, TracedGetMessage};
 pub use envelope::{BodyFormat, Envelope, EnvelopeRef, MessageKind};
-pub use handler::{ConsumeStats, ConsumerHandle};
+pub use handler::{CancelOutcome, ConsumeStats, ConsumerHandle};
 pub use interceptor::{
     ChainError, Interceptor, InterceptorChain, hook_panics, on_delivery, on_publish,
     on_publish_result, on_settle,
