@@ -87,6 +87,8 @@ struct Args {
     /// stopped.
     serve: bool,
     rate: f64,
+    /// How long stopping may take, whatever the broker and the collector do.
+    shutdown_timeout: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -97,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
         linger: Duration::ZERO,
         serve: false,
         rate: 1.0,
+        shutdown_timeout: Duration::from_secs(10),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -130,6 +133,17 @@ fn parse_args() -> Result<Args, String> {
                 args.linger = Duration::from_secs(secs);
             }
             "--serve" => args.serve = true,
+            "--shutdown-timeout" => {
+                let secs: f64 = value("--shutdown-timeout")?
+                    .parse()
+                    .map_err(|e| format!("--shutdown-timeout: {e}"))?;
+                if !(secs.is_finite() && (0.5..=3600.0).contains(&secs)) {
+                    return Err(format!(
+                        "--shutdown-timeout is seconds, between 0.5 and 3600, not {secs}"
+                    ));
+                }
+                args.shutdown_timeout = Duration::from_secs_f64(secs);
+            }
             "--rate" => {
                 let rate: f64 = value("--rate")?
                     .parse()
@@ -146,7 +160,9 @@ fn parse_args() -> Result<Args, String> {
                     "usage: ai_team [--tasks N | --serve [--rate PER_SEC]] [--role orchestrator|writer|critic] [--max-messages N] [--linger SECS]\n\
                      --serve: all roles in one process, a task every second (or --rate a second), about 1 in 5 failing, until Ctrl-C;\n\
                      \x20        with --role, that role until Ctrl-C (the orchestrator at --rate)\n\
-                     --linger SECS: keep serving /metrics that long after the tasks, so a scraper sees the final values"
+                     --linger SECS: keep serving /metrics that long after the tasks, so a scraper sees the final values\n\
+                     --shutdown-timeout SECS: stopping (Ctrl-C, SIGTERM, the end of the work) takes at most this long (default 10);\n\
+                     \x20        the exit code is 3 when it was not clean (a message left to the broker, spans not exported)"
                 );
                 std::process::exit(0);
             }
@@ -860,9 +876,28 @@ fn broker_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-async fn connect() -> Connection {
+/// Connects as `name` (what the management UI lists the connection as).
+/// Each attempt is bounded: lapin 4.12's connect has been seen to never
+/// return, so an attempt with no answer in 5 s is retried, three in all.
+async fn connect(name: &str) -> Connection {
     let url = broker_url();
-    match Connection::connect(&url, ConnectionProperties::default()).await {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let mut outcome = Err("no answer in 3 attempts of 5 s".to_owned());
+    for _ in 0..3 {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(&url, props.clone()),
+        )
+        .await
+        {
+            Ok(answer) => {
+                outcome = answer.map_err(|e| e.to_string());
+                break;
+            }
+            Err(_) => continue,
+        }
+    }
+    match outcome {
         Ok(conn) => conn,
         Err(e) => {
             let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
@@ -944,6 +979,68 @@ impl Stop {
     }
 }
 
+/// The shutdown path, bounded by `--shutdown-timeout`: the first half for
+/// the broker side (the message in hand, the connection; every await gets
+/// what is left of it), the second for the telemetry's last exports
+/// (`mindbus-telemetry`'s own shutdown timeout). What was not clean is said
+/// in one line each and makes the exit code 3.
+#[derive(Default)]
+struct Shutdown {
+    deadline: Option<tokio::time::Instant>,
+    problems: Vec<String>,
+}
+
+impl Shutdown {
+    /// Starts the broker side's clock (once): `half` from now.
+    fn start(&mut self, half: Duration) {
+        self.deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + half);
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.deadline.unwrap_or_else(tokio::time::Instant::now)
+    }
+
+    /// Stops a consumer after its message in hand, or leaves that message
+    /// to the broker when the time is up.
+    async fn cancel(&mut self, role: &str, handle: mindbus_otel::ConsumerHandle) {
+        let left = self
+            .deadline()
+            .saturating_duration_since(tokio::time::Instant::now());
+        let outcome = handle.cancel_within(left).await;
+        if !outcome.is_clean() {
+            self.problems.push(format!("{role}: {outcome}"));
+        }
+    }
+
+    async fn close(&mut self, conn: &Connection) {
+        match tokio::time::timeout_at(self.deadline(), conn.close(200, "done".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self
+                .problems
+                .push(format!("the broker connection was lost: {e}")),
+            Err(_) => self
+                .problems
+                .push("the broker did not close the connection in time".to_owned()),
+        }
+    }
+
+    /// The last exports, within the telemetry's shutdown timeout; then the
+    /// exit: 0, or 3 with one line per problem.
+    fn finish(mut self, telemetry: mindbus_telemetry::Telemetry) {
+        if let Err(e) = telemetry.shutdown() {
+            self.problems.push(format!("telemetry: {e}"));
+        }
+        drop(telemetry);
+        if !self.problems.is_empty() {
+            for p in &self.problems {
+                eprintln!("ai_team: unclean shutdown: {p}");
+            }
+            std::process::exit(3);
+        }
+    }
+}
+
 /// After the work: says where the metrics are served and, with `--linger`,
 /// keeps serving them that long (or until stopped), so that a scraper sees
 /// the final values.
@@ -964,13 +1061,18 @@ async fn linger(args: &Args, telemetry: &mindbus_telemetry::Telemetry, stop: &St
     }
 }
 
+/// A role's consumer and its channel. Keep the channel until the
+/// connection is closed: lapin closes a channel when its last handle is
+/// dropped, and closing the connection while a channel is closing fails
+/// (lapin 4.12 then logs `invalid channel state: Closing`, and the close
+/// may never complete).
 async fn start_agent(
     conn: &Connection,
     role: &str,
     names: &Names,
     provider: &SdkTracerProvider,
     budget: Budget,
-) -> Result<mindbus_otel::ConsumerHandle, BoxError> {
+) -> Result<(mindbus_otel::ConsumerHandle, TracedChannel), BoxError> {
     let (agent, queue) = match role {
         "writer" => ("agent.writer.001", names.writer.as_str()),
         _ => ("agent.critic.001", names.critic.as_str()),
@@ -998,7 +1100,7 @@ async fn start_agent(
             },
         )
         .await?;
-    Ok(handle)
+    Ok((handle, ch))
 }
 
 async fn start_orchestrator(
@@ -1080,6 +1182,8 @@ async fn serve(
     rate: f64,
     telemetry: &mindbus_telemetry::Telemetry,
     stop: &Stop,
+    shutdown: &mut Shutdown,
+    half: Duration,
     tally: &mut Tally,
 ) {
     let period = Duration::from_secs_f64(1.0 / rate);
@@ -1112,10 +1216,16 @@ async fn serve(
         }
     }
     println!("stopping: {} task(s) in hand", tasks.len());
-    // Two calls per task, each bounded by REPLY_TIMEOUT.
-    let bound = 2 * REPLY_TIMEOUT + Duration::from_secs(1);
-    while let Ok(Some(done)) = tokio::time::timeout(bound, tasks.join_next()).await {
+    // The tasks in hand get the broker side's share of the shutdown bound.
+    shutdown.start(half);
+    while let Ok(Some(done)) = tokio::time::timeout_at(shutdown.deadline(), tasks.join_next()).await
+    {
         report(done, tally);
+    }
+    if !tasks.is_empty() {
+        shutdown
+            .problems
+            .push(format!("{} task(s) abandoned unfinished", tasks.len()));
     }
     tasks.abort_all();
     println!(
@@ -1158,9 +1268,13 @@ async fn main() -> Result<(), BoxError> {
     // Each task's trace tree is captured and printed after the task (also
     // when spans go to a collector); MINDBUS_TRACE_VIEW=off turns it off.
     // With --serve it would flood the terminal: off unless asked.
+    // Half the shutdown bound for the broker (the message in hand, the
+    // connection), half for the telemetry (the last exports).
+    let half = args.shutdown_timeout / 2;
     let mut config = mindbus_telemetry::Config::from_env()
         .default_service_name(&service)
-        .service_version(env!("CARGO_PKG_VERSION"));
+        .service_version(env!("CARGO_PKG_VERSION"))
+        .shutdown_timeout(half);
     if std::env::var("MINDBUS_TRACE_VIEW").is_err() {
         config = config.trace_view(if args.serve {
             mindbus_telemetry::TraceViewMode::Off
@@ -1172,7 +1286,8 @@ async fn main() -> Result<(), BoxError> {
         config.trace_view_output(mindbus_telemetry::TraceViewOutput::Capture),
     )?;
     let stop = Stop::listen();
-    let conn = connect().await;
+    let conn = connect(&format!("ai_team {service} pid {}", std::process::id())).await;
+    let mut shutdown = Shutdown::default();
     let names = Names::from_env();
     let setup = TracedChannel::builder(conn.create_channel().await?).build();
     if let Err(e) = declare_topology(&broker_url(), &setup, &exchange, &names).await {
@@ -1188,15 +1303,26 @@ async fn main() -> Result<(), BoxError> {
             let orch_p = telemetry.tracer_provider_for("orchestrator");
             let writer_p = telemetry.tracer_provider_for("writer");
             let critic_p = telemetry.tracer_provider_for("critic");
-            let writer = start_agent(&conn, "writer", &names, &writer_p, Budget::new(None)).await?;
-            let critic = start_agent(&conn, "critic", &names, &critic_p, Budget::new(None)).await?;
+            let (writer, _writer_ch) =
+                start_agent(&conn, "writer", &names, &writer_p, Budget::new(None)).await?;
+            let (critic, _critic_ch) =
+                start_agent(&conn, "critic", &names, &critic_p, Budget::new(None)).await?;
             let orch = Arc::new(start_orchestrator(&conn, &exchange, &orch_p).await?);
             let mut tally = Tally::default();
             if args.serve {
                 if let Some(addr) = telemetry.metrics_addr() {
                     println!("metrics are served on http://{addr}/metrics");
                 }
-                serve(&orch, args.rate, &telemetry, &stop, &mut tally).await;
+                serve(
+                    &orch,
+                    args.rate,
+                    &telemetry,
+                    &stop,
+                    &mut shutdown,
+                    half,
+                    &mut tally,
+                )
+                .await;
             } else {
                 for n in 1..=args.tasks {
                     let plan = if n == args.tasks {
@@ -1211,8 +1337,9 @@ async fn main() -> Result<(), BoxError> {
                     }
                 }
             }
-            writer.cancel().await?;
-            critic.cancel().await?;
+            shutdown.start(half);
+            shutdown.cancel("writer", writer).await;
+            shutdown.cancel("critic", critic).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             for tree in telemetry.take_rendered_traces() {
                 println!("{tree}");
@@ -1220,7 +1347,7 @@ async fn main() -> Result<(), BoxError> {
             if let Some(text) = telemetry.prometheus_render() {
                 print_metrics_summary(&text);
             }
-            conn.close(200, "done".into()).await.ok();
+            shutdown.close(&conn).await;
             linger(&args, &telemetry, &stop).await;
             if tally.unexpected > 0 {
                 return Err(format!("{} task(s) failed unexpectedly", tally.unexpected).into());
@@ -1237,9 +1364,19 @@ async fn main() -> Result<(), BoxError> {
             loop {
                 n += 1;
                 let plan = Planned::served(n);
+                let task = orch.execute_task(n, plan);
+                tokio::pin!(task);
                 let res = tokio::select! {
-                    r = orch.execute_task(n, plan) => r,
-                    _ = stop.wait() => break,
+                    r = &mut task => r,
+                    _ = stop.wait() => {
+                        // The task in hand may finish within the bound.
+                        shutdown.start(half);
+                        match tokio::time::timeout_at(shutdown.deadline(), &mut task).await {
+                            Ok(r) => tally.report(n, plan, r),
+                            Err(_) => shutdown.problems.push(format!("task {n} abandoned unfinished")),
+                        }
+                        break;
+                    }
                 };
                 tally.report(n, plan, res);
                 if args.max_messages.is_some_and(|m| n >= m) {
@@ -1250,28 +1387,31 @@ async fn main() -> Result<(), BoxError> {
                     _ = stop.wait() => break,
                 }
             }
-            conn.close(200, "done".into()).await.ok();
+            shutdown.start(half);
+            shutdown.close(&conn).await;
             linger(&args, &telemetry, &stop).await;
         }
         Some(role) => {
             let p = telemetry.tracer_provider_for(role);
             let budget = Budget::new(args.max_messages);
-            let handle = start_agent(&conn, role, &names, &p, budget.clone()).await?;
+            let (handle, _channel) = start_agent(&conn, role, &names, &p, budget.clone()).await?;
             println!("{role}: consuming; Ctrl-C to stop");
             tokio::select! {
                 _ = budget.done.notified() => {}
                 _ = stop.wait() => {}
             }
-            // Graceful: the message in hand is finished and settled first.
-            handle.cancel().await?;
+            // Graceful: the message in hand is finished and settled first,
+            // if that fits in the bound; else the broker redelivers it.
+            shutdown.start(half);
+            shutdown.cancel(role, handle).await;
             println!(
                 "{role}: handled {} message(s)",
                 budget.seen.load(Ordering::SeqCst)
             );
-            conn.close(200, "done".into()).await.ok();
+            shutdown.close(&conn).await;
             linger(&args, &telemetry, &stop).await;
         }
     }
-    drop(telemetry); // flushes and shuts down within its timeout
+    shutdown.finish(telemetry);
     Ok(())
 }

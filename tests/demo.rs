@@ -124,7 +124,7 @@ impl Cleanup {
 
     async fn delete(prefix: &str, exchange: &str) {
         // Best effort: a failing test must not panic again here.
-        let Ok(conn) = Connection::connect(&url(), ConnectionProperties::default()).await else {
+        let Ok(conn) = connect_bounded(&url(), ConnectionProperties::default()).await else {
             return;
         };
         if let Ok(ch) = conn.create_channel().await {
@@ -695,7 +695,7 @@ async fn broker_down_is_one_line_naming_the_fix() {
     // Port 1 on the loopback: nothing listens there.
     let down = "amqp://guest:s3cret@127.0.0.1:1/%2f";
 
-    let err = Connection::connect(down, ConnectionProperties::default())
+    let err = connect_bounded(down, ConnectionProperties::default())
         .await
         .expect_err("nothing listens on 127.0.0.1:1");
     let line = broker_down(down, &err);

@@ -130,6 +130,12 @@ impl ConsumerHandle {
 
     /// Cancels the consumer (`basic.cancel`) and waits until the message in
     /// hand is settled and the loop has ended.
+    ///
+    /// The handle and the loop hold clones of the channel; once they are
+    /// gone, lapin closes the channel if nothing else holds it. Keep a
+    /// [`TracedChannel`] of it until the connection is closed: with lapin
+    /// 4.12, closing the connection while one of its channels is closing
+    /// fails (`invalid channel state: Closing`), and may not complete.
     pub async fn cancel(self) -> lapin::Result<()> {
         let res = self
             .channel
