@@ -102,6 +102,31 @@ impl Management {
         }
     }
 
+    /// Closes (as an operator would, from the management UI) the broker
+    /// connections whose client named them `connection_name`; how many.
+    pub async fn close_connections_named(&self, connection_name: &str) -> Result<usize, String> {
+        let (status, body) = self.call("GET", "/api/connections", None).await?;
+        if status != 200 {
+            return Err(format!("GET /api/connections: HTTP {status} {body}"));
+        }
+        let list: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        let mut closed = 0;
+        for c in list.as_array().into_iter().flatten() {
+            if c["client_properties"]["connection_name"] != connection_name {
+                continue;
+            }
+            let Some(name) = c["name"].as_str() else {
+                continue;
+            };
+            let path = format!("/api/connections/{}", encode(name));
+            match self.call("DELETE", &path, None).await? {
+                (204 | 404, _) => closed += 1,
+                (status, body) => return Err(format!("DELETE {path}: HTTP {status} {body}")),
+            }
+        }
+        Ok(closed)
+    }
+
     /// The name of the policy in effect on a queue and its definition, if any.
     pub async fn queue_policy(&self, queue: &str) -> Result<Option<(String, Value)>, String> {
         let path = format!("/api/queues/{}/{}", encode(&self.vhost), encode(queue));
