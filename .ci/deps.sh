@@ -133,6 +133,8 @@ build_prometheus() { # -> $TOOLS/prometheus-$PROMETHEUS_MODULE/{prometheus,promt
 if [ -n "$all" ]; then
   # promtool (Debian's prometheus 2.42) checks the Prometheus config.
   command -v promtool >/dev/null || apt_install prometheus
+  # amtool (Debian's prometheus-alertmanager) checks the Alertmanager config.
+  command -v amtool >/dev/null || apt_install prometheus-alertmanager
   build_jaeger
   build_collector
   build_prometheus

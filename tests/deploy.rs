@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 
 // ------------------------------------------------------------------ helpers
 
-const SERVICES: [&str; 5] = [
+const SERVICES: [&str; 6] = [
     "rabbitmq",
     "otel-collector",
     "jaeger",
     "prometheus",
+    "alertmanager",
     "grafana",
 ];
 
@@ -1187,6 +1188,122 @@ fn error_panels_answer_zero_when_none_happened() {
         );
     }
     assert!(checked >= 7, "only {checked} error panels found");
+}
+
+/// The alert rules' unit tests (`deploy/prometheus/alerts_test.yml`: each
+/// alert fires on its series with its annotations, and stays silent on
+/// healthy ones), with Debian's promtool 2.42 and Prometheus 3.16's.
+#[test]
+fn alert_rules_pass_their_unit_tests_on_prometheus_2_and_3() {
+    let tests = root().join("deploy/prometheus/alerts_test.yml");
+    for promtool in [PathBuf::from("promtool"), tools::tool("promtool3")] {
+        let out = std::process::Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(&tests)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}: run `bash .ci/deps.sh --all` (installs Debian's prometheus, builds Prometheus 3)",
+                    promtool.display()
+                )
+            });
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("SUCCESS"),
+            "{} test rules:\n{text}",
+            promtool.display()
+        );
+    }
+}
+
+/// Every alert the rules define has unit tests that make it fire and keep
+/// it silent, and a runbook-style description.
+#[test]
+fn every_alert_is_tested_firing_and_silent() {
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let tests = yaml("deploy/prometheus/alerts_test.yml");
+    let mut fired = BTreeSet::new();
+    let mut silent = BTreeSet::new();
+    for group in tests["tests"].as_sequence().unwrap() {
+        for case in group["alert_rule_test"].as_sequence().into_iter().flatten() {
+            let name = str_of(&case["alertname"]);
+            let expected = case["exp_alerts"].as_sequence().map_or(0, Vec::len);
+            if expected > 0 {
+                fired.insert(name);
+            } else {
+                silent.insert(name);
+            }
+        }
+    }
+    let mut alerts = 0;
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let Some(name) = rule.get("alert").map(str_of) else {
+                continue;
+            };
+            alerts += 1;
+            assert!(fired.contains(&name), "no test makes {name} fire");
+            assert!(silent.contains(&name), "no test keeps {name} silent");
+            let description = str_of(&rule["annotations"]["description"]);
+            assert!(
+                description.contains("Runbook:"),
+                "{name}: the description says what to do (Runbook: ...)"
+            );
+        }
+    }
+    assert!(alerts >= 10, "{alerts} alerts");
+}
+
+/// The rules query only what the plugin emits, Prometheus's own `up`, and
+/// the recording rules they define.
+#[test]
+fn alert_rules_use_only_metrics_that_exist() {
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let mut known = plugin_series();
+    known.insert("up".to_owned());
+    let all: Vec<&Yaml> = rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .collect();
+    for rule in &all {
+        if let Some(record) = rule.get("record") {
+            known.insert(str_of(record));
+        }
+    }
+    let mut checked = 0;
+    for rule in all {
+        let expr = str_of(&rule["expr"]);
+        for name in dashboards::metric_names_in_expr(&expr) {
+            assert!(known.contains(&name), "unknown metric {name} in `{expr}`");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "only {checked} metric references found");
+}
+
+/// Alertmanager accepts its config (Debian's amtool).
+#[test]
+fn amtool_accepts_the_alertmanager_config() {
+    let file = root().join("deploy/alertmanager/alertmanager.yml");
+    let out = std::process::Command::new("amtool")
+        .args(["check-config"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("amtool: {e}: run `bash .ci/deps.sh --all` (installs Debian's prometheus-alertmanager)")
+        });
+    assert!(
+        out.status.success(),
+        "amtool check-config failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ------------------------------------------------------------------ extractor
