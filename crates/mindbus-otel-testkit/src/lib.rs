@@ -1,9 +1,11 @@
 //! Test OpenTelemetry instrumentation end to end, through the real OTLP protocol.
 //!
-//! `mindbus-otel-testkit` runs an in-process OTLP trace receiver ([`OtlpReceiver`]) that
-//! speaks OTLP/gRPC and OTLP/HTTP (binary protobuf) on `127.0.0.1`, decodes what it
-//! receives into owned [`ReceivedSpan`]s, and offers assertions on the resulting trace
-//! trees ([`SpanSet`]). Failed assertions print every received trace as a text tree:
+//! `mindbus-otel-testkit` runs an in-process OTLP receiver ([`OtlpReceiver`]) that
+//! speaks OTLP/gRPC and OTLP/HTTP (binary protobuf) on `127.0.0.1` for traces, logs
+//! and metrics, decodes what it receives into owned [`ReceivedSpan`]s,
+//! [`ReceivedLog`]s (with the trace and span they were written in:
+//! [`ReceivedLog::in_span`]) and [`ReceivedMetricPoint`]s, and offers assertions on
+//! the resulting trace trees ([`SpanSet`]). Failed assertions print every received trace as a text tree:
 //!
 //! ```text
 //! trace 4bf92f3577b34da6a3ce929d0e0e4736 (4 spans)
@@ -153,6 +155,7 @@ mod http;
 mod model;
 mod receiver;
 mod render;
+mod signals;
 mod spanset;
 
 pub use model::{
@@ -161,4 +164,8 @@ pub use model::{
 };
 pub use receiver::{Mode, OtlpReceiver};
 pub use render::{format_duration, kind_name, render_span_line, render_trace, render_tree};
+pub use signals::{
+    MetricKind, PointValue, ReceivedLog, ReceivedMetricPoint, logs_from_request,
+    metric_points_from_request,
+};
 pub use spanset::SpanSet;

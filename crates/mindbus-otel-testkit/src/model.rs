@@ -181,7 +181,7 @@ pub fn decode_attributes(kvs: &[KeyValue]) -> Vec<(String, AttrValue)> {
         .collect()
 }
 
-fn lookup<'a>(attrs: &'a [(String, AttrValue)], key: &str) -> Option<&'a AttrValue> {
+pub(crate) fn lookup<'a>(attrs: &'a [(String, AttrValue)], key: &str) -> Option<&'a AttrValue> {
     attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
@@ -455,12 +455,12 @@ pub fn spans_from_request(request: &ExportTraceServiceRequest) -> Vec<ReceivedSp
 }
 
 /// A trace id from 16 bytes; [`TraceId::INVALID`] for any other length.
-fn trace_id_from_bytes(bytes: &[u8]) -> TraceId {
+pub(crate) fn trace_id_from_bytes(bytes: &[u8]) -> TraceId {
     <[u8; 16]>::try_from(bytes).map_or(TraceId::INVALID, TraceId::from_bytes)
 }
 
 /// A span id from 8 bytes; [`SpanId::INVALID`] for any other length.
-fn span_id_from_bytes(bytes: &[u8]) -> SpanId {
+pub(crate) fn span_id_from_bytes(bytes: &[u8]) -> SpanId {
     <[u8; 8]>::try_from(bytes).map_or(SpanId::INVALID, SpanId::from_bytes)
 }
 

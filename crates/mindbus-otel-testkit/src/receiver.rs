@@ -5,6 +5,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -16,10 +28,69 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::model::{ReceivedSpan, spans_from_request};
+use crate::signals::{
+    ReceivedLog, ReceivedMetricPoint, logs_from_request, metric_points_from_request,
+};
 use crate::spanset::SpanSet;
 
 /// Largest accepted export request (gRPC message or HTTP body), in bytes.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Received items of one signal, and their count (to wait on).
+pub(crate) struct Store<T> {
+    items: Mutex<Vec<T>>,
+    count: watch::Sender<usize>,
+}
+
+impl<T: Clone> Store<T> {
+    fn new() -> Self {
+        Store {
+            items: Mutex::new(Vec::new()),
+            count: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<T>> {
+        // A panic while holding the lock cannot leave the Vec half-updated.
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, new: Vec<T>) {
+        let total = {
+            let mut items = self.lock();
+            items.extend(new);
+            items.len()
+        };
+        self.count.send_replace(total);
+    }
+
+    fn snapshot(&self) -> Vec<T> {
+        self.lock().clone()
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+        self.count.send_replace(0);
+    }
+
+    /// Waits until `condition` holds for the items, or `timeout`; the items.
+    async fn wait_until(&self, timeout: Duration, condition: impl Fn(&[T]) -> bool) -> Vec<T> {
+        let mut rx = self.count.subscribe();
+        let wait = async {
+            loop {
+                rx.borrow_and_update();
+                if condition(&self.lock()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        self.snapshot()
+    }
+}
 
 /// How the receiver answers export requests; see [`OtlpReceiver::set_mode`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -47,6 +118,8 @@ pub(crate) enum Outcome {
 pub(crate) struct Shared {
     spans: Mutex<Vec<ReceivedSpan>>,
     count: watch::Sender<usize>,
+    logs: Store<ReceivedLog>,
+    metrics: Store<ReceivedMetricPoint>,
     mode: watch::Sender<Mode>,
     shutdown: watch::Sender<bool>,
     grpc_requests: AtomicUsize,
@@ -58,6 +131,8 @@ impl Shared {
         Shared {
             spans: Mutex::new(Vec::new()),
             count: watch::Sender::new(0),
+            logs: Store::new(),
+            metrics: Store::new(),
             mode: watch::Sender::new(Mode::Accept),
             shutdown: watch::Sender::new(false),
             grpc_requests: AtomicUsize::new(0),
@@ -81,20 +156,12 @@ impl Shared {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
-    /// Applies the current mode to an export request.
-    pub(crate) async fn export(&self, request: &ExportTraceServiceRequest) -> Outcome {
+    /// How the current mode answers an export request (a held one once
+    /// released).
+    async fn admit(&self) -> Outcome {
         let mode = *self.mode.borrow();
         match mode {
-            Mode::Accept => {
-                let spans = spans_from_request(request);
-                let total = {
-                    let mut stored = self.lock();
-                    stored.extend(spans);
-                    stored.len()
-                };
-                self.count.send_replace(total);
-                Outcome::Accepted
-            }
+            Mode::Accept => Outcome::Accepted,
             Mode::Unavailable => Outcome::Unavailable,
             Mode::Hang => {
                 let mut mode_rx = self.mode.subscribe();
@@ -105,6 +172,39 @@ impl Shared {
                 Outcome::Unavailable
             }
         }
+    }
+
+    /// Applies the current mode to a trace export request.
+    pub(crate) async fn export(&self, request: &ExportTraceServiceRequest) -> Outcome {
+        let outcome = self.admit().await;
+        if let Outcome::Accepted = outcome {
+            let spans = spans_from_request(request);
+            let total = {
+                let mut stored = self.lock();
+                stored.extend(spans);
+                stored.len()
+            };
+            self.count.send_replace(total);
+        }
+        outcome
+    }
+
+    /// Applies the current mode to a logs export request.
+    pub(crate) async fn export_logs(&self, request: &ExportLogsServiceRequest) -> Outcome {
+        let outcome = self.admit().await;
+        if let Outcome::Accepted = outcome {
+            self.logs.add(logs_from_request(request));
+        }
+        outcome
+    }
+
+    /// Applies the current mode to a metrics export request.
+    pub(crate) async fn export_metrics(&self, request: &ExportMetricsServiceRequest) -> Outcome {
+        let outcome = self.admit().await;
+        if let Outcome::Accepted = outcome {
+            self.metrics.add(metric_points_from_request(request));
+        }
+        outcome
     }
 }
 
@@ -131,18 +231,114 @@ impl TraceService for GrpcTraceService {
     }
 }
 
-/// An in-process OTLP trace receiver listening on `127.0.0.1`.
+fn refused() -> tonic::Status {
+    tonic::Status::unavailable("mindbus-otel-testkit receiver is set to refuse exports")
+}
+
+/// The gRPC `LogsService` implementation.
+struct GrpcLogsService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl LogsService for GrpcLogsService {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        match self.shared.export_logs(request.get_ref()).await {
+            Outcome::Accepted => Ok(tonic::Response::new(ExportLogsServiceResponse {
+                partial_success: None,
+            })),
+            Outcome::Unavailable => Err(refused()),
+        }
+    }
+}
+
+/// The gRPC `MetricsService` implementation.
+struct GrpcMetricsService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for GrpcMetricsService {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        match self.shared.export_metrics(request.get_ref()).await {
+            Outcome::Accepted => Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            })),
+            Outcome::Unavailable => Err(refused()),
+        }
+    }
+}
+
+/// The three gRPC services on one port, dispatched by the request path
+/// (`/<package>.<Service>/Export`), as a collector serves them.
+#[derive(Clone)]
+struct Dispatch {
+    traces: TraceServiceServer<GrpcTraceService>,
+    logs: LogsServiceServer<GrpcLogsService>,
+    metrics: MetricsServiceServer<GrpcMetricsService>,
+}
+
+type GrpcFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Dispatch {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = GrpcFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        use tonic::server::NamedService;
+        let path = request.uri().path();
+        let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if service == <TraceServiceServer<GrpcTraceService> as NamedService>::NAME {
+            let mut s = self.traces.clone();
+            Box::pin(async move { s.call(request).await })
+        } else if service == <LogsServiceServer<GrpcLogsService> as NamedService>::NAME {
+            let mut s = self.logs.clone();
+            Box::pin(async move { s.call(request).await })
+        } else if service == <MetricsServiceServer<GrpcMetricsService> as NamedService>::NAME {
+            let mut s = self.metrics.clone();
+            Box::pin(async move { s.call(request).await })
+        } else {
+            let status = tonic::Status::unimplemented(format!("no such service: {service}"));
+            Box::pin(async move { Ok(status.into_http()) })
+        }
+    }
+}
+
+/// An in-process OTLP receiver (traces, logs and metrics) listening on
+/// `127.0.0.1`.
 ///
 /// It runs two servers as Tokio tasks, on random ports:
-/// - OTLP/gRPC (the `opentelemetry.proto.collector.trace.v1.TraceService/Export`
-///   method), at [`grpc_endpoint`](OtlpReceiver::grpc_endpoint);
-/// - OTLP/HTTP with binary protobuf bodies (`POST /v1/traces`,
-///   `Content-Type: application/x-protobuf`), at
-///   [`http_traces_endpoint`](OtlpReceiver::http_traces_endpoint). JSON bodies are
-///   refused with `415`, compressed bodies too.
+/// - OTLP/gRPC (the trace, logs and metrics services' `Export` methods), at
+///   [`grpc_endpoint`](OtlpReceiver::grpc_endpoint);
+/// - OTLP/HTTP with binary protobuf bodies (`POST /v1/traces`, `/v1/logs`,
+///   `/v1/metrics`, `Content-Type: application/x-protobuf`), served by
+///   hyper, at [`http_endpoint`](OtlpReceiver::http_endpoint). JSON bodies
+///   are refused with `415`, compressed bodies too.
 ///
-/// Every span received is decoded into a [`ReceivedSpan`] and kept until
-/// [`clear`](OtlpReceiver::clear). The servers stop when the receiver is dropped or
+/// Every span received is decoded into a [`ReceivedSpan`], every log record
+/// into a [`ReceivedLog`], every metric data point into a
+/// [`ReceivedMetricPoint`], and kept until [`clear`](OtlpReceiver::clear).
+/// The [`Mode`] applies to the three signals alike. The servers stop when the receiver is dropped or
 /// [`shutdown`](OtlpReceiver::shutdown).
 ///
 /// See the [crate documentation](crate) for a complete example.
@@ -182,12 +378,25 @@ impl OtlpReceiver {
             shared: Arc::clone(&shared),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let logs = LogsServiceServer::new(GrpcLogsService {
+            shared: Arc::clone(&shared),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let metrics = MetricsServiceServer::new(GrpcMetricsService {
+            shared: Arc::clone(&shared),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let grpc_shared = Arc::clone(&shared);
         let grpc_task = tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
             let signal_shared = Arc::clone(&grpc_shared);
+            let dispatch = Dispatch {
+                traces: service,
+                logs,
+                metrics,
+            };
             let result = tonic::transport::Server::builder()
-                .serve_with_incoming_shutdown(service, incoming, async move {
+                .serve_with_incoming_shutdown(dispatch, incoming, async move {
                     signal_shared.stopped().await;
                 })
                 .await;
@@ -229,9 +438,51 @@ impl OtlpReceiver {
         format!("http://{}/v1/traces", self.http_addr)
     }
 
+    /// The OTLP/HTTP logs endpoint, `http://127.0.0.1:PORT/v1/logs`.
+    pub fn http_logs_endpoint(&self) -> String {
+        format!("http://{}/v1/logs", self.http_addr)
+    }
+
+    /// The OTLP/HTTP metrics endpoint, `http://127.0.0.1:PORT/v1/metrics`.
+    pub fn http_metrics_endpoint(&self) -> String {
+        format!("http://{}/v1/metrics", self.http_addr)
+    }
+
     /// The socket address of the HTTP server.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Every log record received so far, in arrival order.
+    pub fn logs(&self) -> Vec<ReceivedLog> {
+        self.shared.logs.snapshot()
+    }
+
+    /// Every metric data point received so far, in arrival order (each
+    /// periodic export sends every point again: filter by name and take the
+    /// last).
+    pub fn metric_points(&self) -> Vec<ReceivedMetricPoint> {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Waits until `condition` holds for the log records received so far,
+    /// or `timeout` elapsed; returns them all.
+    pub async fn wait_logs_until(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&[ReceivedLog]) -> bool,
+    ) -> Vec<ReceivedLog> {
+        self.shared.logs.wait_until(timeout, condition).await
+    }
+
+    /// Waits until `condition` holds for the metric points received so
+    /// far, or `timeout` elapsed; returns them all.
+    pub async fn wait_metrics_until(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&[ReceivedMetricPoint]) -> bool,
+    ) -> Vec<ReceivedMetricPoint> {
+        self.shared.metrics.wait_until(timeout, condition).await
     }
 
     /// A snapshot of every span received so far, in arrival order.
@@ -244,18 +495,22 @@ impl OtlpReceiver {
         self.shared.lock().len()
     }
 
-    /// Forgets every span received so far (the request counters are kept).
+    /// Forgets every span, log record and metric point received so far
+    /// (the request counters are kept).
     pub fn clear(&self) {
         self.shared.lock().clear();
         self.shared.count.send_replace(0);
+        self.shared.logs.clear();
+        self.shared.metrics.clear();
     }
 
-    /// The number of gRPC export calls received, whatever their outcome.
+    /// The number of gRPC trace export calls received, whatever their outcome.
     pub fn grpc_requests(&self) -> usize {
         self.shared.grpc_requests.load(Ordering::SeqCst)
     }
 
-    /// The number of `POST /v1/traces` HTTP requests received, whatever their outcome.
+    /// The number of HTTP export requests (`POST /v1/traces`, `/v1/logs`,
+    /// `/v1/metrics`) received, whatever their outcome.
     pub fn http_requests(&self) -> usize {
         self.shared.http_requests.load(Ordering::SeqCst)
     }

@@ -113,6 +113,7 @@ impl Client {
         let status_line = self.line().await;
         let status = status_line
             .strip_prefix("HTTP/1.1 ")
+            .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
             .and_then(|rest| rest.get(..3))
             .and_then(|code| code.parse().ok())
             .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
@@ -166,7 +167,8 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
         let reply = client.reply().await;
         assert_eq!(reply.status, 200, "{reply:?}");
         assert_eq!(reply.header("content-type"), Some("application/x-protobuf"));
-        assert_eq!(reply.header("connection"), Some("keep-alive"));
+        // HTTP/1.1 connections persist unless a side says `close`.
+        assert_ne!(reply.header("connection"), Some("close"));
         assert!(reply.body.is_empty(), "empty ExportTraceServiceResponse");
     }
     assert_eq!(receiver.http_requests(), 3);
@@ -270,9 +272,20 @@ async fn error_statuses_keep_the_connection_open() {
     let body = payload("x", 1);
 
     client
-        .post("/v1/metrics", "application/x-protobuf", &body, "")
+        .post("/v1/profiles", "application/x-protobuf", &body, "")
         .await;
     assert_eq!(client.reply().await.status, 404);
+
+    // A trace request sent to the metrics path is not a metrics request.
+    client
+        .post(
+            "/v1/metrics",
+            "application/x-protobuf",
+            &payload("x", 2),
+            "",
+        )
+        .await;
+    assert_eq!(client.reply().await.status, 400);
 
     client
         .send(b"GET /v1/traces HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -313,7 +326,7 @@ async fn error_statuses_keep_the_connection_open() {
     assert_eq!(client.reply().await.status, 200);
     assert_eq!(receiver.span_count(), 1);
     // 404 and 405 are not export requests.
-    assert_eq!(receiver.http_requests(), 4);
+    assert_eq!(receiver.http_requests(), 5);
 }
 
 #[tokio::test]
@@ -356,7 +369,7 @@ async fn malformed_requests_get_400_and_close() {
     for request in [
         &b"NONSENSE\r\n\r\n"[..],
         b"POST /v1/traces HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
-        b"POST /v1/traces HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"POST /v1/traces HTTP/1.1\r\nbad header\r\n\r\n",
     ] {
         let mut client = Client::connect(&receiver).await;
