@@ -582,6 +582,7 @@ async fn writer_handler(
             .map_err(|e| e.to_string())?;
         return Err("unreadable COMMAND".to_owned());
     };
+    tracing::info!(target: "ai_team", %action, %subject, "writer: COMMAND received");
     let params = event
         .as_ref()
         .map(|e| e["data"]["params"].clone())
@@ -604,6 +605,10 @@ async fn writer_handler(
     let latency_ms = llm_started.elapsed().as_millis() as u64;
     llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input_tokens));
     llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output_tokens));
+    tracing::info!(
+        target: "ai_team", model, input_tokens, output_tokens, latency_ms,
+        "writer: LLM call done"
+    );
 
     if let Some(code) = params["simulate_error"].as_str() {
         llm.set_status(Status::error(format!("{code}: the LLM request timed out")));
@@ -618,6 +623,7 @@ async fn writer_handler(
         reply(&ch, &delivery, body, &id)
             .await
             .map_err(|e| e.to_string())?;
+        tracing::info!(target: "ai_team", code, %subject, "writer: ERROR sent");
         // The error was reported to the orchestrator: the COMMAND is done.
         return Ok(());
     }
@@ -645,7 +651,9 @@ async fn writer_handler(
     );
     reply(&ch, &delivery, body, &id)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    tracing::info!(target: "ai_team", %subject, word_count = 2047, "writer: RESULT sent");
+    Ok(())
 }
 
 /// The critic: answers `review_article` COMMANDs with a quality score.
@@ -658,6 +666,12 @@ async fn critic_handler(
     let started = Instant::now();
     let event: Value = serde_json::from_slice(&delivery.data).map_err(|e| e.to_string())?;
     let subject = event["subject"].as_str().unwrap_or("").to_owned();
+    tracing::info!(
+        target: "ai_team",
+        action = event["data"]["action"].as_str().unwrap_or("unknown"),
+        %subject,
+        "critic: COMMAND received"
+    );
     let tracer = provider.tracer("ai_team.critic");
     let mut llm = tracer.start("llm_call");
     llm.set_attribute(KeyValue::new("gen_ai.system", "openai"));
@@ -667,12 +681,18 @@ async fn critic_handler(
         llm.set_status(Status::error(format!("{code}: the LLM quota is used up")));
         llm.end();
         let (id, body) = error_body(ME, &subject, code, "LLM quota exhausted", started);
-        return reply(&ch, &delivery, body, &id)
+        reply(&ch, &delivery, body, &id)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())?;
+        tracing::info!(target: "ai_team", code, %subject, "critic: ERROR sent");
+        return Ok(());
     }
     llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", 2400_i64));
     llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", 200_i64));
+    tracing::info!(
+        target: "ai_team", model = "gpt-4o-mini", input_tokens = 2400, output_tokens = 200,
+        "critic: LLM call done"
+    );
     llm.end();
     let score = 6.0 + (RandomState::new().hash_one(&subject) % 40) as f64 / 10.0;
     let id = new_id();
@@ -690,7 +710,9 @@ async fn critic_handler(
     );
     reply(&ch, &delivery, body, &id)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    tracing::info!(target: "ai_team", %subject, quality_score = score, "critic: RESULT sent");
+    Ok(())
 }
 
 /// Replies the orchestrator waits for, by correlation id.
@@ -753,6 +775,7 @@ impl Orchestrator {
             .with_correlation_id(id.as_str().into())
             .with_expiration("300000".into());
         let key = format!("cmd.{role}.any");
+        tracing::info!(target: "ai_team", role, action, subject, "orchestrator: COMMAND sent");
         self.ch
             .basic_publish(
                 self.exchange.as_str().into(),
@@ -849,6 +872,7 @@ impl Orchestrator {
                 json!({"task_id": subject, "quality_score": score}),
             )
             .await?;
+            tracing::info!(target: "ai_team", %subject, quality_score = score, "orchestrator: task completed");
             Ok(score)
         }
         .with_context(cx.clone())
@@ -862,6 +886,8 @@ impl Orchestrator {
                 )
                 .with_context(cx.clone())
                 .await;
+            let _in_task = cx.clone().attach();
+            tracing::info!(target: "ai_team", %subject, reason = %e, "orchestrator: task failed");
             cx.span().set_status(Status::error(e.to_string()));
         }
         cx.span().end();

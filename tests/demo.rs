@@ -1988,3 +1988,148 @@ async fn every_role_stops_within_its_bound_and_loses_no_command() {
     }
     conn.close(200, "bye".into()).await.ok();
 }
+
+// ------------------------------------------------------ every log line in its trace
+
+/// Every log line the roles write while they work is in its task's trace:
+/// each OTLP log record (and each JSON line on stderr) of the demo carries
+/// the trace and span it was written in, and that span is the role's own
+/// (the writer's and critic's CONSUMER spans, the orchestrator's task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_log_line_of_a_task_is_in_its_trace() {
+    let rx = OtlpReceiver::start().await.unwrap();
+    let prefix = format!("{}.", unique("logs"));
+    let exchange = unique("logs.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--tasks", "3"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_LOGS_EXPORTER", "otlp")
+        .env("LOG_FORMAT", "json")
+        .env("MINDBUS_TRACE_VIEW", "off")
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the demo finished in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}\n{stderr}", out.status);
+
+    let spans = rx
+        .wait_until(Duration::from_secs(15), |s| {
+            s.find_all("execute_task").len() == 3
+        })
+        .await;
+    // What each role says while it works, and the span it says it in.
+    let expected: [(&str, &str, &[&str]); 3] = [
+        (
+            "orchestrator",
+            "execute_task",
+            &[
+                "orchestrator: COMMAND sent",
+                "orchestrator: task completed",
+                "orchestrator: task failed",
+            ],
+        ),
+        (
+            "writer",
+            "process",
+            &[
+                "writer: COMMAND received",
+                "writer: LLM call done",
+                "writer: RESULT sent",
+                "writer: ERROR sent",
+            ],
+        ),
+        (
+            "critic",
+            "process",
+            &[
+                "critic: COMMAND received",
+                "critic: LLM call done",
+                "critic: RESULT sent",
+            ],
+        ),
+    ];
+    // Three tasks, the last failing at the writer: the orchestrator sends 5
+    // COMMANDs and ends 3 tasks (8 lines); the writer handles 3 COMMANDs and
+    // the critic 2, 3 lines each (received, LLM call, reply).
+    let wanted: usize = 8 + 3 * 3 + 2 * 3;
+    let logs = rx
+        .wait_logs_until(Duration::from_secs(15), |logs| {
+            logs.iter()
+                .filter(|l| l.body_str().is_some_and(|b| b.contains(": ")))
+                .count()
+                >= wanted
+        })
+        .await;
+    let ours: Vec<_> = logs
+        .iter()
+        .filter(|l| {
+            l.body_str()
+                .is_some_and(|b| expected.iter().any(|(_, _, m)| m.contains(&b)))
+        })
+        .collect();
+    for (role, span_prefix, messages) in expected {
+        for message in messages {
+            let records: Vec<_> = ours
+                .iter()
+                .filter(|l| l.body_str() == Some(message))
+                .collect();
+            assert!(!records.is_empty(), "no OTLP record {message:?}");
+            for record in records {
+                let span = spans.iter().find(|s| record.in_span(s)).unwrap_or_else(|| {
+                    panic!(
+                        "{message:?} ({:?}/{:?}) is in no received span:\n{}",
+                        record.trace_id,
+                        record.span_id,
+                        spans.render_all()
+                    )
+                });
+                assert_eq!(
+                    span.service_name.as_deref(),
+                    Some(role),
+                    "{message:?} written in {}",
+                    span.name
+                );
+                assert!(
+                    span.name.starts_with(span_prefix),
+                    "{message:?} in {}",
+                    span.name
+                );
+            }
+        }
+    }
+    let count = |m: &str| ours.iter().filter(|l| l.body_str() == Some(m)).count();
+    assert_eq!(count("orchestrator: COMMAND sent"), 5);
+    assert_eq!(count("orchestrator: task completed"), 2);
+    assert_eq!(count("orchestrator: task failed"), 1);
+    assert_eq!(count("writer: COMMAND received"), 3);
+    assert_eq!(count("critic: RESULT sent"), 2);
+    assert_eq!(ours.len(), wanted, "no line twice, none missing");
+
+    // The same lines on stderr, as JSON with the same ids.
+    let mut json_lines = 0;
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("\"target\":\"ai_team\""))
+    {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let (trace_id, span_id) = (
+            v["trace_id"].as_str().unwrap_or_else(|| panic!("{line}")),
+            v["span_id"].as_str().unwrap_or_else(|| panic!("{line}")),
+        );
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.trace_id.to_string() == trace_id && s.span_id.to_string() == span_id),
+            "{line}"
+        );
+        json_lines += 1;
+    }
+    assert_eq!(json_lines, wanted, "{stderr}");
+    cleanup.run().await;
+}
