@@ -821,6 +821,12 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Stack {
+        Stack::start_with_logs_to(None).await
+    }
+
+    /// With the collector's Loki exporter pointed at `logs` (an OTLP/HTTP
+    /// base URL) instead of the compose default.
+    async fn start_with_logs_to(logs: Option<String>) -> Stack {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let log = |name: &str| {
             let path = std::env::temp_dir().join(format!("mindbus-{name}-{}.log", random_u64()));
@@ -881,6 +887,11 @@ impl Stack {
                 format!("127.0.0.1:{prometheus}"),
             )
             .env("OTELCOL_HEALTH_ENDPOINT", format!("127.0.0.1:{health}"))
+            .env(
+                "OTELCOL_LOKI_ENDPOINT",
+                logs.unwrap_or_else(|| "http://127.0.0.1:1".to_owned()),
+            )
+            .env("OTELCOL_LOKI_COMPRESSION", "none")
             .env("OTELCOL_METRICS_HOST", "127.0.0.1")
             .env("OTELCOL_METRICS_PORT", free_port().to_string())
             .stdout(log("otelcol"))
@@ -2131,5 +2142,81 @@ async fn every_log_line_of_a_task_is_in_its_trace() {
         json_lines += 1;
     }
     assert_eq!(json_lines, wanted, "{stderr}");
+    cleanup.run().await;
+}
+
+/// The demo's log records through the real collector, as compose sends them
+/// on to Loki (here the testkit stands in for Loki's OTLP endpoint): each
+/// keeps the trace and span it was written in, and those traces are the
+/// ones Jaeger shows, so Grafana's trace <-> logs links find each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_through_the_real_collector_keep_their_trace_for_loki() {
+    let loki = OtlpReceiver::start().await.unwrap();
+    let stack = Stack::start_with_logs_to(Some(loki.http_endpoint())).await;
+    let prefix = format!("{}.", unique("loki"));
+    let exchange = unique("loki.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--tasks", "2"])
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{}", stack.otlp_grpc),
+        )
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_LOGS_EXPORTER", "otlp")
+        .env("MINDBUS_TRACE_VIEW", "off")
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    cmd.env("RUST_LOG", "info");
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the demo finished in time")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Two tasks, the second failing at the writer: 5 + 6 + 3 lines.
+    let ours = |logs: &[mindbus_otel_testkit::ReceivedLog]| {
+        logs.iter()
+            .filter(|l| {
+                l.body_str().is_some_and(|b| {
+                    ["orchestrator: ", "writer: ", "critic: "]
+                        .iter()
+                        .any(|p| b.starts_with(p))
+                })
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let logs = loki
+        .wait_logs_until(Duration::from_secs(20), |logs| ours(logs).len() >= 14)
+        .await;
+    let logs = ours(&logs);
+    assert_eq!(logs.len(), 14, "{logs:#?}");
+    let mut traces = BTreeSet::new();
+    for log in &logs {
+        let (Some(trace_id), Some(_)) = (log.trace_id, log.span_id) else {
+            panic!("no trace context: {log:?}");
+        };
+        traces.insert(trace_id.to_string());
+    }
+    assert_eq!(traces.len(), 2, "one trace per task");
+    for _ in 0..100 {
+        if trace_ids(&stack, &["orchestrator"])
+            .await
+            .is_superset(&traces)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let in_jaeger = trace_ids(&stack, &["orchestrator"]).await;
+    assert!(
+        in_jaeger.is_superset(&traces),
+        "the logs' traces {traces:?} are in Jaeger: {in_jaeger:?}"
+    );
     cleanup.run().await;
 }

@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 
 // ------------------------------------------------------------------ helpers
 
-const SERVICES: [&str; 6] = [
+const SERVICES: [&str; 7] = [
     "rabbitmq",
     "otel-collector",
     "jaeger",
+    "loki",
     "prometheus",
     "alertmanager",
     "grafana",
@@ -1188,6 +1189,105 @@ fn error_panels_answer_zero_when_none_happened() {
         );
     }
     assert!(checked >= 7, "only {checked} error panels found");
+}
+
+/// Logs land in Loki, next to the traces: the collector's logs pipeline
+/// exports to Loki's OTLP endpoint (the compose service), Loki keeps OTLP
+/// structured metadata (trace_id, span_id) with the schema that needs, and
+/// Grafana links a span to its logs (Jaeger's tracesToLogsV2 -> Loki, by
+/// trace id) and a log line to its trace (Loki's derived field on the
+/// trace_id metadata -> Jaeger). Structure only: Loki and Grafana do not
+/// run here (no Docker engine).
+#[test]
+fn logs_go_to_loki_and_link_to_their_traces() {
+    // The collector side.
+    let collector = yaml("deploy/otel-collector/config.yaml");
+    let logs = &collector["service"]["pipelines"]["logs"];
+    let exporters = strings(&logs["exporters"]);
+    let loki_exporter = exporters
+        .iter()
+        .find(|e| e.starts_with("otlp_http/") || e.starts_with("otlphttp/"))
+        .unwrap_or_else(|| {
+            panic!("the logs pipeline exports to no OTLP/HTTP exporter: {exporters:?}")
+        });
+    let endpoint = compose_value(&str_of(
+        &collector["exporters"][loki_exporter.as_str()]["endpoint"],
+    ));
+    assert_eq!(
+        endpoint, "http://loki:3100/otlp",
+        "Loki's OTLP endpoint in compose"
+    );
+    assert!(
+        yaml("deploy/otel-collector/builder.yaml")["exporters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| str_of(&e["gomod"]).contains("/exporter/otlphttpexporter ")),
+        "builder.yaml has no otlphttpexporter (the CI collector could not export logs)"
+    );
+
+    // Loki itself.
+    let c = compose();
+    let loki = service(&c, "loki");
+    let target = mount_target(&c, "loki", "deploy/loki/config.yaml");
+    assert!(
+        strings(&loki["command"]).contains(&format!("-config.file={target}")),
+        "loki runs the mounted config"
+    );
+    let ports = published_ports(loki);
+    assert!(
+        ports.iter().any(|(_, _, container)| container == "3100"),
+        "Loki's API is published: {ports:?}"
+    );
+    let config = yaml("deploy/loki/config.yaml");
+    assert_eq!(config["server"]["http_listen_port"].as_u64(), Some(3100));
+    assert_eq!(
+        config["limits_config"]["allow_structured_metadata"].as_bool(),
+        Some(true)
+    );
+    let schema = config["schema_config"]["configs"]
+        .as_sequence()
+        .unwrap()
+        .last()
+        .unwrap();
+    assert_eq!(
+        str_of(&schema["schema"]),
+        "v13",
+        "OTLP ingestion needs schema v13"
+    );
+    assert_eq!(str_of(&schema["store"]), "tsdb", "and the tsdb index");
+
+    // Grafana's links.
+    let sources = yaml("deploy/grafana/provisioning/datasources/datasources.yaml");
+    let by_uid: BTreeMap<String, Yaml> = sources["datasources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|d| (str_of(&d["uid"]), d.clone()))
+        .collect();
+    let loki_source = &by_uid["loki"];
+    assert_eq!(str_of(&loki_source["type"]), "loki");
+    assert_eq!(str_of(&loki_source["url"]), "http://loki:3100");
+    let derived = loki_source["jsonData"]["derivedFields"]
+        .as_sequence()
+        .expect("Loki derivedFields");
+    assert!(
+        derived
+            .iter()
+            .any(|f| str_of(&f["datasourceUid"]) == "jaeger"
+            && str_of(&f["matcherType"]) == "label"
+            && str_of(&f["matcherRegex"]) == "trace_id"
+            // `$$` is a literal `$` in provisioning files.
+            && str_of(&f["url"]) == "$${__value.raw}"),
+        "a Loki line's trace_id links to Jaeger: {derived:?}"
+    );
+    let to_logs = &by_uid["jaeger"]["jsonData"]["tracesToLogsV2"];
+    assert_eq!(str_of(&to_logs["datasourceUid"]), "loki");
+    let query = str_of(&to_logs["query"]);
+    assert!(
+        query.contains("trace_id=\"$${__trace.traceId}\""),
+        "a span's logs are found by its trace id: {query}"
+    );
 }
 
 /// The alert rules' unit tests (`deploy/prometheus/alerts_test.yml`: each
