@@ -262,7 +262,7 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
             );
             let err = trace.one_where(
                 |s| {
-                    s.attr_str("error.type") == Some("DEADLINE_EXCEEDED")
+                    s.attr_str("mindbus.error.code") == Some("DEADLINE_EXCEEDED")
                         && s.service_name.as_deref() == Some("writer")
                 },
                 "the writer's ERROR reply",
@@ -1138,7 +1138,7 @@ async fn the_demo_through_the_real_collector_into_the_real_jaeger() {
             assert_eq!(service(parent), agent, "{context}");
         }
         assert!(llm_calls > 0, "{context}");
-        for reply in named("process (temporary)") {
+        for reply in named("process") {
             assert_eq!(service(reply), "orchestrator", "{context}");
         }
         let in_trace: BTreeSet<String> = spans.iter().map(&service).collect();

@@ -11,9 +11,10 @@
 //!
 //! `{destination}` is the exchange; for the default exchange it is the
 //! queue named by the routing key. Server-named and direct reply-to queues
-//! (`amq.gen-*`, `amq.rabbitmq.reply-to*`) never appear in names: they read
-//! `(temporary)` and carry `messaging.destination.temporary` (and
-//! `.anonymous`). Routing keys, which may hold agent ids, are attributes,
+//! (`amq.gen-*`, `amq.rabbitmq.reply-to*`) never appear in names: as the
+//! conventions ask for anonymous destinations, the name is the operation
+//! alone (`publish`, `process`), and the span carries
+//! `messaging.destination.temporary` (and `.anonymous`). Routing keys, which may hold agent ids, are attributes,
 //! never names.
 //!
 //! **Parents.** A PRODUCER span is a child of the caller's current span.
@@ -38,8 +39,10 @@
 //! error (`error.type` = `nack` / `reject`, requeue recorded); a delivery
 //! dropped unsettled sets error `unsettled`. A handler error or panic adds
 //! an `exception` event and sets `error.type` to `handler_error` /
-//! `panic`. An `ai.team.error` message, sent or received, sets error with
-//! `error.type` = its `data.error.code`. A publish nacked by the broker
+//! `panic`. An `ai.team.error` message, sent or received, sets the error
+//! status (a failed task is red in Jaeger) but not `error.type`, which the
+//! conventions keep for a failed operation: its code is in
+//! `mindbus.error.code`. A publish nacked by the broker
 //! ends with `nack`, one returned as unroutable with `unroutable`, one lapin
 //! rejected with the lapin error class (`amqp_404`, `channel_closed`, ...).
 //!
@@ -135,8 +138,9 @@ pub(crate) struct SpanState {
     /// monotonic time: see [`crate::clock`]).
     start: SystemTime,
     in_flight: Option<u64>,
-    /// The `data.error.code` of an ERROR message: its `error.type` unless
-    /// the operation itself fails (a span gets one `error.type`, at its end).
+    /// With [`MessagingSpans::legacy_shapes`], the `data.error.code` of an
+    /// ERROR message: its `error.type` unless the operation itself fails (a
+    /// span gets one `error.type`, at its end).
     error_code: Option<String>,
 }
 
@@ -152,6 +156,8 @@ struct Inner {
     payload_cap: Option<usize>,
     body_size: bool,
     server: Option<(Arc<str>, u16)>,
+    /// The 0.1 shapes ([`MessagingSpans::legacy_shapes`]).
+    legacy: bool,
     /// The CONSUMER span context of each COMMAND being handled.
     in_flight: InFlight<Context>,
     /// The process-wide cache ([`interned_names`]).
@@ -189,6 +195,7 @@ impl MessagingSpans {
                 payload_cap: None,
                 body_size: false,
                 server: None,
+                legacy: false,
                 in_flight: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
                 names: name_cache(),
                 stats: Arc::default(),
@@ -209,6 +216,7 @@ impl MessagingSpans {
                     inner.payload_cap = self.inner.payload_cap;
                     inner.body_size = self.inner.body_size;
                     inner.server = self.inner.server.clone();
+                    inner.legacy = self.inner.legacy;
                     inner.in_flight.max = self.inner.in_flight.max;
                     f(inner);
                 }
@@ -254,6 +262,18 @@ impl MessagingSpans {
     pub fn server(self, address: impl Into<String>, port: u16) -> Self {
         let address: Arc<str> = Arc::from(address.into());
         self.edit(|i| i.server = Some((address, port)))
+    }
+
+    /// The span shapes of mindbus-otel 0.1, for one release, for users whose
+    /// queries or dashboards rely on them: server-named and reply queues in
+    /// span names as `publish (temporary)` / `process (temporary)` (the
+    /// conventions omit the destination: `publish`, `process`), and
+    /// `error.type` = the `data.error.code` of a MindBus ERROR message sent
+    /// or received successfully (the conventions keep `error.type` for a
+    /// failed operation; the code is always in `mindbus.error.code`). Off by
+    /// default; will be removed in 0.3.
+    pub fn legacy_shapes(self, enabled: bool) -> Self {
+        self.edit(|i| i.legacy = enabled)
     }
 
     /// Bound of the in-flight COMMAND table used for RPC parenting in the
@@ -514,17 +534,17 @@ fn flag(b: bool) -> usize {
 }
 
 /// The attributes a PRODUCER span gets besides the message's: the RPC
-/// parent marker, and at its end `mindbus.publish.confirm` (and
-/// `error.type` for an ERROR message).
-fn publish_extra(rpc: bool, kind: MessageKind) -> usize {
-    flag(rpc) + 1 + flag(kind == MessageKind::Error)
+/// parent marker, and at its end `mindbus.publish.confirm` (and, with the
+/// 0.1 shapes, `error.type` for an ERROR message).
+fn publish_extra(rpc: bool, kind: MessageKind, legacy: bool) -> usize {
+    flag(rpc) + 1 + flag(legacy && kind == MessageKind::Error)
 }
 
 /// The attributes a CONSUMER span gets besides the message's: the
 /// subscription and the delivery tag, and at its end `mindbus.settlement`
-/// (and `error.type` for an ERROR message).
-fn delivery_extra(kind: MessageKind) -> usize {
-    2 + 1 + flag(kind == MessageKind::Error)
+/// (and, with the 0.1 shapes, `error.type` for an ERROR message).
+fn delivery_extra(kind: MessageKind, legacy: bool) -> usize {
+    2 + 1 + flag(legacy && kind == MessageKind::Error)
 }
 
 /// `value` cut to [`MAX_BODY_ATTRIBUTE_LEN`] bytes at a character boundary.
@@ -567,7 +587,9 @@ impl Op {
         self as usize
     }
 
-    const fn temporary_name(self) -> &'static str {
+    /// The 0.1 name for a temporary destination
+    /// ([`MessagingSpans::legacy_shapes`]).
+    const fn legacy_temporary_name(self) -> &'static str {
         match self {
             Op::Publish => "publish (temporary)",
             Op::Process => "process (temporary)",
@@ -648,8 +670,10 @@ impl NameCache {
     #[inline]
     fn get(&self, op: Op, destination: &str) -> (Cow<'static, str>, Value, bool) {
         if is_temporary_queue(destination) {
+            // The conventions: an anonymous destination is left out of the
+            // span name.
             return (
-                Cow::Borrowed(op.temporary_name()),
+                Cow::Borrowed(op.as_str()),
                 Value::from(destination.to_owned()),
                 true,
             );
@@ -758,7 +782,10 @@ impl Interceptor for MessagingSpans {
         } else {
             exchange
         };
-        let (name, dest_value, temporary) = self.inner.names.get(Op::Publish, destination);
+        let (mut name, dest_value, temporary) = self.inner.names.get(Op::Publish, destination);
+        if temporary && self.inner.legacy {
+            name = Cow::Borrowed(Op::Publish.legacy_temporary_name());
+        }
         let env = msg.envelope();
         let kind = env.kind();
         let props = msg.properties();
@@ -783,7 +810,7 @@ impl Interceptor for MessagingSpans {
 
         // What samplers may look at is given at creation; the details only
         // when the span records (nothing is computed for unsampled spans).
-        let extra = publish_extra(rpc, kind);
+        let extra = publish_extra(rpc, kind, self.inner.legacy);
         let agent = msg.state().agent_shared().is_some();
         let capacity =
             self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
@@ -795,7 +822,7 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_DESTINATION_NAME, dest_value),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
-        let error_code = (kind == MessageKind::Error)
+        let error_code = (self.inner.legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
         let mut span = self.start(builder(name, SpanKind::Producer, attrs, start), &parent);
@@ -884,7 +911,10 @@ impl Interceptor for MessagingSpans {
         // basic_get is a pull ("receive"); a consumer push is "process".
         let pull = msg.state().is_pull();
         let op = if pull { Op::Receive } else { Op::Process };
-        let (name, queue_value, temporary) = self.inner.names.get(op, queue);
+        let (mut name, queue_value, temporary) = self.inner.names.get(op, queue);
+        if temporary && self.inner.legacy {
+            name = Cow::Borrowed(op.legacy_temporary_name());
+        }
         let exchange = delivery.exchange.as_str();
         let destination = if exchange.is_empty() {
             queue_value.clone()
@@ -912,7 +942,7 @@ impl Interceptor for MessagingSpans {
         } else {
             remote
         };
-        let extra = delivery_extra(kind);
+        let extra = delivery_extra(kind, self.inner.legacy);
         let agent = msg.state().agent_shared().is_some();
         let routing_key = delivery.routing_key.as_str();
         let capacity =
@@ -925,7 +955,7 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_DESTINATION_NAME, destination),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
-        let error_code = (kind == MessageKind::Error)
+        let error_code = (self.inner.legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
         let mut builder = builder(name, SpanKind::Consumer, attrs, start);
@@ -1071,7 +1101,7 @@ mod tests {
     fn names_are_low_cardinality_and_bounded() {
         let names = NameCache::new();
         let (n, _, temp) = names.get(Op::Process, "amq.gen-abc123");
-        assert_eq!((n.as_ref(), temp), ("process (temporary)", true));
+        assert_eq!((n.as_ref(), temp), ("process", true));
         let (n, _, _) = names.get(Op::Publish, "");
         assert_eq!(n.as_ref(), "publish (default)");
         let (a, _, _) = names.get(Op::Publish, "mindbus.main");
@@ -1154,7 +1184,7 @@ mod attribute_tests {
             let mut state = publish(&chain, &f);
             chain.end_publish(&mut state, &PublishResult::Sent);
             predicted.push(spans.attribute_count(
-                publish_extra(false, env.kind()),
+                publish_extra(false, env.kind(), spans.inner.legacy),
                 true,
                 temporary,
                 &f.routing_key,
@@ -1174,7 +1204,7 @@ mod attribute_tests {
             let mut state = chain.start_delivery(&delivery, queue, false);
             chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
             predicted.push(spans.attribute_count(
-                delivery_extra(env.kind()),
+                delivery_extra(env.kind(), spans.inner.legacy),
                 true,
                 false,
                 &f.routing_key,
@@ -1224,8 +1254,9 @@ mod attribute_tests {
     #[test]
     fn the_attribute_vector_is_sized_exactly() {
         type Configure = fn(MessagingSpans) -> MessagingSpans;
-        let configs: [(&str, Configure); 3] = [
+        let configs: [(&str, Configure); 4] = [
             ("default", |s| s),
+            ("legacy", |s| s.legacy_shapes(true)),
             ("server", |s| s.server("127.0.0.1", 5672)),
             ("everything", |s| {
                 s.server("127.0.0.1", 5672)
