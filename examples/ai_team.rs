@@ -25,6 +25,7 @@
 //! the orchestrator gives up waiting.
 
 use futures_util::StreamExt;
+use mindbus_otel::genai::LlmCall;
 use mindbus_otel::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -589,13 +590,11 @@ async fn writer_handler(
         .unwrap_or(Value::Null);
     let tracer = provider.tracer("ai_team.writer");
 
-    // The LLM call, as its own span with GenAI attributes.
+    // The LLM call: a GenAI CLIENT span (`chat gpt-4`) and the GenAI
+    // metrics, under the COMMAND's CONSUMER span.
     let model = "gpt-4";
-    let (input_tokens, output_tokens) = (1200_i64, 2300_i64);
-    let mut llm = tracer.start("llm_call");
-    llm.set_attribute(KeyValue::new("gen_ai.system", "openai"));
-    llm.set_attribute(KeyValue::new("gen_ai.operation.name", "chat"));
-    llm.set_attribute(KeyValue::new("gen_ai.request.model", model));
+    let (input_tokens, output_tokens) = (1200_u64, 2300_u64);
+    let mut llm = LlmCall::start("chat", "openai", model, &provider);
     let llm_started = Instant::now();
     work(30, &subject).await;
     if let Some(ms) = params["simulate_delay_ms"].as_u64() {
@@ -603,16 +602,11 @@ async fn writer_handler(
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
     }
     let latency_ms = llm_started.elapsed().as_millis() as u64;
-    llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", input_tokens));
-    llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", output_tokens));
-    tracing::info!(
-        target: "ai_team", model, input_tokens, output_tokens, latency_ms,
-        "writer: LLM call done"
-    );
 
     if let Some(code) = params["simulate_error"].as_str() {
-        llm.set_status(Status::error(format!("{code}: the LLM request timed out")));
+        llm.fail("timeout");
         llm.end();
+        tracing::info!(target: "ai_team", model, latency_ms, "writer: LLM call timed out");
         let (id, body) = error_body(
             ME,
             &subject,
@@ -627,7 +621,14 @@ async fn writer_handler(
         // The error was reported to the orchestrator: the COMMAND is done.
         return Ok(());
     }
+    llm.usage(input_tokens, output_tokens)
+        .response_model(model)
+        .finish_reasons(&["stop"]);
     llm.end();
+    tracing::info!(
+        target: "ai_team", model, input_tokens, output_tokens, latency_ms,
+        "writer: LLM call done"
+    );
 
     let mut save = tracer.start("save_artifact");
     work(5, &action).await;
@@ -672,14 +673,13 @@ async fn critic_handler(
         %subject,
         "critic: COMMAND received"
     );
-    let tracer = provider.tracer("ai_team.critic");
-    let mut llm = tracer.start("llm_call");
-    llm.set_attribute(KeyValue::new("gen_ai.system", "openai"));
-    llm.set_attribute(KeyValue::new("gen_ai.request.model", "gpt-4o-mini"));
+    let mut llm = LlmCall::start("chat", "openai", "gpt-4o-mini", &provider);
     work(15, &subject).await;
     if let Some(code) = event["data"]["params"]["simulate_error"].as_str() {
-        llm.set_status(Status::error(format!("{code}: the LLM quota is used up")));
+        // The provider's answer to a used-up quota: HTTP 429.
+        llm.fail("429");
         llm.end();
+        tracing::info!(target: "ai_team", model = "gpt-4o-mini", "critic: LLM call refused (quota)");
         let (id, body) = error_body(ME, &subject, code, "LLM quota exhausted", started);
         reply(&ch, &delivery, body, &id)
             .await
@@ -687,13 +687,14 @@ async fn critic_handler(
         tracing::info!(target: "ai_team", code, %subject, "critic: ERROR sent");
         return Ok(());
     }
-    llm.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", 2400_i64));
-    llm.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", 200_i64));
+    llm.usage(2400, 200)
+        .response_model("gpt-4o-mini")
+        .finish_reasons(&["stop"]);
+    llm.end();
     tracing::info!(
         target: "ai_team", model = "gpt-4o-mini", input_tokens = 2400, output_tokens = 200,
         "critic: LLM call done"
     );
-    llm.end();
     let score = 6.0 + (RandomState::new().hash_one(&subject) % 40) as f64 / 10.0;
     let id = new_id();
     let body = cloudevent(

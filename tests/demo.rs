@@ -218,7 +218,8 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
     );
     assert!(stdout.contains("task 1: completed"), "{stdout}");
     assert!(stdout.contains("task 3: failed as planned"), "{stdout}");
-    assert!(stdout.contains("      llm_call (writer)"), "{stdout}");
+    // The writer's LLM call, a GenAI CLIENT span under its CONSUMER span.
+    assert!(stdout.contains("      chat gpt-4 (writer)"), "{stdout}");
     // Three tasks (two completed, one failed), five COMMANDs.
     for line in [
         "ai_team_tasks_total{status=\"pending\"} 3",
@@ -1126,7 +1127,11 @@ async fn the_demo_through_the_real_collector_into_the_real_jaeger() {
         };
         // Each agent's LLM call sits under that agent's CONSUMER span.
         let mut llm_calls = 0;
-        for llm in named("llm_call") {
+        for llm in spans.iter().filter(|s| {
+            s["operationName"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("chat "))
+        }) {
             llm_calls += 1;
             let parent = by_id(llm["references"][0]["spanID"].as_str().unwrap()).unwrap();
             let agent = service(llm);
@@ -2051,6 +2056,7 @@ async fn every_log_line_of_a_task_is_in_its_trace() {
             &[
                 "writer: COMMAND received",
                 "writer: LLM call done",
+                "writer: LLM call timed out",
                 "writer: RESULT sent",
                 "writer: ERROR sent",
             ],

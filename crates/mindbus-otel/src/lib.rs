@@ -104,6 +104,7 @@ mod clock;
 mod confirm;
 mod delivery;
 pub mod envelope;
+pub mod genai;
 pub mod handler;
 mod in_flight;
 pub mod interceptor;

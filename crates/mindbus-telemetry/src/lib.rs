@@ -119,7 +119,9 @@
 //! # Metrics
 //!
 //! Histograms whose name ends in `_seconds` get the buckets [`SECONDS_BUCKETS`]
-//! (0.5 ms to 5 min); `ai_team_quality_score` gets [`QUALITY_SCORE_BUCKETS`]
+//! (0.5 ms to 5 min), except the messaging and GenAI durations and the GenAI
+//! token usage, which get the semantic conventions' advisory buckets
+//! ([`histogram_buckets`]); `ai_team_quality_score` gets [`QUALITY_SCORE_BUCKETS`]
 //! (0 to 10). The listener answers `GET /metrics` (and `/`) with the Prometheus text
 //! exposition; [`Telemetry::prometheus_render`] gives the same text in-process. A
 //! busy port or an already installed global recorder is a warning, not an error.
@@ -174,7 +176,10 @@ pub use config::{
 };
 pub use error::Error;
 pub use export::SpanStats;
-pub use prometheus::{QUALITY_SCORE_BUCKETS, QUALITY_SCORE_METRIC, SECONDS_BUCKETS};
+pub use prometheus::{
+    GENAI_DURATION_BUCKETS, GENAI_TOKEN_USAGE_BUCKETS, MESSAGING_DURATION_BUCKETS,
+    QUALITY_SCORE_BUCKETS, QUALITY_SCORE_METRIC, SECONDS_BUCKETS, histogram_buckets,
+};
 pub use view::{
     MAX_CAPTURED_TRACES, MAX_VIEW_SPANS, MAX_VIEW_TRACES, RenderSpan, format_duration,
     render_span_line, render_trace,

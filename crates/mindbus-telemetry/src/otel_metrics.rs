@@ -20,7 +20,6 @@
 //! Nothing blocks on the hot path: a counter or histogram record is the
 //! SDK's own; a gauge change is an atomic add, read by the export.
 
-use crate::{QUALITY_SCORE_BUCKETS, QUALITY_SCORE_METRIC, SECONDS_BUCKETS};
 use metrics::{
     Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
@@ -78,13 +77,7 @@ fn attributes(key: &Key) -> Vec<KeyValue> {
 
 /// Bucket boundaries for a histogram, as the Prometheus endpoint uses.
 fn boundaries(name: &str) -> Option<Vec<f64>> {
-    if name == QUALITY_SCORE_METRIC {
-        Some(QUALITY_SCORE_BUCKETS.to_vec())
-    } else if name.ends_with("_seconds") {
-        Some(SECONDS_BUCKETS.to_vec())
-    } else {
-        None
-    }
+    crate::histogram_buckets(name).map(<[f64]>::to_vec)
 }
 
 impl Recorder for OtelRecorder {
@@ -268,6 +261,7 @@ impl GaugeFn for AtomicF64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{QUALITY_SCORE_BUCKETS, SECONDS_BUCKETS};
     use opentelemetry::metrics::MeterProvider as _;
     use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
     use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};

@@ -19,6 +19,59 @@ pub const QUALITY_SCORE_BUCKETS: [f64; 6] = [0.0, 2.0, 4.0, 6.0, 8.0, 10.0];
 /// Name of the quality score histogram that gets [`QUALITY_SCORE_BUCKETS`].
 pub const QUALITY_SCORE_METRIC: &str = "ai_team_quality_score";
 
+/// The messaging conventions' advisory buckets (seconds) for
+/// `messaging.client.operation.duration` and `messaging.process.duration`
+/// (v1.44.0, `messaging-metrics.md`).
+pub const MESSAGING_DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// The GenAI conventions' advisory buckets for `gen_ai.client.token.usage`
+/// (v1.41.1, `gen-ai-metrics.md`).
+pub const GENAI_TOKEN_USAGE_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+
+/// The GenAI conventions' advisory buckets (seconds) for
+/// `gen_ai.client.operation.duration`.
+pub const GENAI_DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+
+/// Histograms with buckets of their own, by name (the metrics facade's
+/// names); every other `…_seconds` histogram gets [`SECONDS_BUCKETS`].
+const NAMED_BUCKETS: [(&str, &[f64]); 5] = [
+    (QUALITY_SCORE_METRIC, &QUALITY_SCORE_BUCKETS),
+    (
+        "messaging_client_operation_duration_seconds",
+        &MESSAGING_DURATION_BUCKETS,
+    ),
+    (
+        "messaging_process_duration_seconds",
+        &MESSAGING_DURATION_BUCKETS,
+    ),
+    ("gen_ai_client_token_usage", &GENAI_TOKEN_USAGE_BUCKETS),
+    (
+        "gen_ai_client_operation_duration_seconds",
+        &GENAI_DURATION_BUCKETS,
+    ),
+];
+
+/// The bucket boundaries of histogram `name`, on the Prometheus endpoint
+/// and over OTLP alike: the conventions' advisory ones for the messaging
+/// and GenAI durations and token usage, [`QUALITY_SCORE_BUCKETS`] for the
+/// quality score, [`SECONDS_BUCKETS`] for any other `…_seconds` (task and
+/// LLM durations run to minutes); `None` for the rest (the exporter's
+/// defaults).
+pub fn histogram_buckets(name: &str) -> Option<&'static [f64]> {
+    NAMED_BUCKETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, b)| *b)
+        .or_else(|| name.ends_with("_seconds").then_some(&SECONDS_BUCKETS[..]))
+}
+
 /// How often histogram and idle-metric maintenance runs.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -30,21 +83,16 @@ pub(crate) struct Metrics {
     pub(crate) addr: Option<SocketAddr>,
 }
 
-/// Builds the recorder, installs it globally and starts the listener on `runtime`.
-/// Never fails: problems are returned as warnings.
-pub(crate) fn install(
-    listen: Option<SocketAddr>,
-    runtime: Option<&Handle>,
-    warnings: &mut Vec<String>,
-) -> Metrics {
+/// The recorder's builder, with the histogram buckets of
+/// [`histogram_buckets`]. Never fails: problems are warnings.
+fn builder(warnings: &mut Vec<String>) -> PrometheusBuilder {
     let mut builder = PrometheusBuilder::new();
-    for (matcher, buckets) in [
-        (Matcher::Suffix("_seconds".to_owned()), &SECONDS_BUCKETS[..]),
-        (
-            Matcher::Full(QUALITY_SCORE_METRIC.to_owned()),
-            &QUALITY_SCORE_BUCKETS[..],
-        ),
-    ] {
+    // The exporter tries full-name matchers before suffix ones.
+    let named = NAMED_BUCKETS
+        .iter()
+        .map(|(name, buckets)| (Matcher::Full((*name).to_owned()), *buckets));
+    let suffix = (Matcher::Suffix("_seconds".to_owned()), &SECONDS_BUCKETS[..]);
+    for (matcher, buckets) in named.chain([suffix]) {
         // Only empty bucket lists are refused, and these are constants.
         builder = match builder.set_buckets_for_metric(matcher, buckets) {
             Ok(builder) => builder,
@@ -54,7 +102,17 @@ pub(crate) fn install(
             }
         };
     }
-    let recorder = builder.build_recorder();
+    builder
+}
+
+/// Builds the recorder, installs it globally and starts the listener on `runtime`.
+/// Never fails: problems are returned as warnings.
+pub(crate) fn install(
+    listen: Option<SocketAddr>,
+    runtime: Option<&Handle>,
+    warnings: &mut Vec<String>,
+) -> Metrics {
+    let recorder = builder(warnings).build_recorder();
     let handle = recorder.handle();
     if let Err(error) = metrics::set_global_recorder(recorder) {
         warnings.push(format!(
@@ -187,6 +245,70 @@ pub(crate) fn response_for(request_line: &str, render: impl FnOnce() -> String) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The conventions' buckets for the messaging and GenAI histograms,
+    /// ours for the other durations, on the recorder itself.
+    #[test]
+    fn histograms_get_their_buckets() {
+        assert_eq!(
+            histogram_buckets("messaging_process_duration_seconds"),
+            Some(&MESSAGING_DURATION_BUCKETS[..])
+        );
+        assert_eq!(
+            histogram_buckets("gen_ai_client_token_usage"),
+            Some(&GENAI_TOKEN_USAGE_BUCKETS[..])
+        );
+        assert_eq!(
+            histogram_buckets("ai_team_task_duration_seconds"),
+            Some(&SECONDS_BUCKETS[..])
+        );
+        assert_eq!(histogram_buckets("something_else"), None);
+        let mut warnings = Vec::new();
+        let recorder = builder(&mut warnings).build_recorder();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for name in [
+                "messaging_client_operation_duration_seconds",
+                "messaging_process_duration_seconds",
+                "gen_ai_client_operation_duration_seconds",
+                "gen_ai_client_token_usage",
+                "mindbus_processing_duration_seconds",
+                QUALITY_SCORE_METRIC,
+            ] {
+                metrics::histogram!(name).record(1.0);
+            }
+        });
+        let text = handle.render();
+        let top = |name: &str| -> Option<String> {
+            text.lines()
+                .rfind(|l| l.starts_with(&format!("{name}_bucket{{le=")) && !l.contains("+Inf"))
+                .and_then(|l| l.split('"').nth(1))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            top("messaging_client_operation_duration_seconds").as_deref(),
+            Some("10"),
+            "{text}"
+        );
+        assert_eq!(
+            top("messaging_process_duration_seconds").as_deref(),
+            Some("10")
+        );
+        assert_eq!(
+            top("gen_ai_client_operation_duration_seconds").as_deref(),
+            Some("81.92")
+        );
+        assert_eq!(
+            top("gen_ai_client_token_usage").as_deref(),
+            Some("67108864")
+        );
+        assert_eq!(
+            top("mindbus_processing_duration_seconds").as_deref(),
+            Some("300")
+        );
+        assert_eq!(top(QUALITY_SCORE_METRIC).as_deref(), Some("10"));
+    }
 
     #[test]
     fn responses() {
