@@ -60,6 +60,19 @@ async fn http_get(port: u16, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The HTTP status of `GET path`, `None` when nothing answers.
+async fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.split(' ').nth(1)?.parse().ok()
+}
+
 /// Metric series names in a Prometheus exposition.
 fn exposed_names(exposition: &str) -> BTreeSet<String> {
     exposition
@@ -833,73 +846,79 @@ impl Stack {
             let path = std::env::temp_dir().join(format!("mindbus-{name}-{}.log", random_u64()));
             std::fs::File::create(path).unwrap()
         };
-        let (query, jaeger_otlp, jaeger_health) = (free_port(), free_port(), free_port());
-        let mut jaeger = Command::new(tools::tool("jaeger"));
-        jaeger
-            .arg(format!(
-                "--config={}",
-                root.join("deploy/jaeger/config.yaml").display()
-            ))
-            .env("JAEGER_QUERY_HTTP_ENDPOINT", format!("127.0.0.1:{query}"))
-            .env(
-                "JAEGER_QUERY_GRPC_ENDPOINT",
-                format!("127.0.0.1:{}", free_port()),
-            )
-            .env(
-                "JAEGER_OTLP_GRPC_ENDPOINT",
-                format!("127.0.0.1:{jaeger_otlp}"),
-            )
-            .env(
-                "JAEGER_OTLP_HTTP_ENDPOINT",
-                format!("127.0.0.1:{}", free_port()),
-            )
-            .env(
-                "JAEGER_HEALTH_ENDPOINT",
-                format!("127.0.0.1:{jaeger_health}"),
-            )
-            .stdout(log("jaeger"))
-            .stderr(log("jaeger-err"))
-            .kill_on_drop(true);
-        let jaeger = jaeger.spawn().unwrap();
-        wait_healthy("jaeger", jaeger_health, "/status").await;
+        let (jaeger, (query, jaeger_otlp)) = spawn_healthy("jaeger", "/status", || {
+            let (query, jaeger_otlp, jaeger_health) = (free_port(), free_port(), free_port());
+            let mut jaeger = Command::new(tools::tool("jaeger"));
+            jaeger
+                .arg(format!(
+                    "--config={}",
+                    root.join("deploy/jaeger/config.yaml").display()
+                ))
+                .env("JAEGER_QUERY_HTTP_ENDPOINT", format!("127.0.0.1:{query}"))
+                .env(
+                    "JAEGER_QUERY_GRPC_ENDPOINT",
+                    format!("127.0.0.1:{}", free_port()),
+                )
+                .env(
+                    "JAEGER_OTLP_GRPC_ENDPOINT",
+                    format!("127.0.0.1:{jaeger_otlp}"),
+                )
+                .env(
+                    "JAEGER_OTLP_HTTP_ENDPOINT",
+                    format!("127.0.0.1:{}", free_port()),
+                )
+                .env(
+                    "JAEGER_HEALTH_ENDPOINT",
+                    format!("127.0.0.1:{jaeger_health}"),
+                )
+                .stdout(log("jaeger"))
+                .stderr(log("jaeger-err"))
+                .kill_on_drop(true);
+            (jaeger, jaeger_health, (query, jaeger_otlp))
+        })
+        .await;
 
-        let (otlp_grpc, otlp_http, health) = (free_port(), free_port(), free_port());
-        let prometheus = free_port();
-        let mut collector = Command::new(tools::tool("otelcol"));
-        collector
-            .arg(format!(
-                "--config={}",
-                root.join("deploy/otel-collector/config.yaml").display()
-            ))
-            .env(
-                "OTELCOL_OTLP_GRPC_ENDPOINT",
-                format!("127.0.0.1:{otlp_grpc}"),
-            )
-            .env(
-                "OTELCOL_OTLP_HTTP_ENDPOINT",
-                format!("127.0.0.1:{otlp_http}"),
-            )
-            .env(
-                "OTELCOL_JAEGER_ENDPOINT",
-                format!("127.0.0.1:{jaeger_otlp}"),
-            )
-            .env(
-                "OTELCOL_PROMETHEUS_ENDPOINT",
-                format!("127.0.0.1:{prometheus}"),
-            )
-            .env("OTELCOL_HEALTH_ENDPOINT", format!("127.0.0.1:{health}"))
-            .env(
-                "OTELCOL_LOKI_ENDPOINT",
-                logs.unwrap_or_else(|| "http://127.0.0.1:1".to_owned()),
-            )
-            .env("OTELCOL_LOKI_COMPRESSION", "none")
-            .env("OTELCOL_METRICS_HOST", "127.0.0.1")
-            .env("OTELCOL_METRICS_PORT", free_port().to_string())
-            .stdout(log("otelcol"))
-            .stderr(log("otelcol-err"))
-            .kill_on_drop(true);
-        let collector = collector.spawn().unwrap();
-        wait_healthy("the collector", health, "/").await;
+        let (collector, (otlp_grpc, otlp_http, prometheus)) =
+            spawn_healthy("the collector", "/", || {
+                let (otlp_grpc, otlp_http, health) = (free_port(), free_port(), free_port());
+                let prometheus = free_port();
+                let mut collector = Command::new(tools::tool("otelcol"));
+                collector
+                    .arg(format!(
+                        "--config={}",
+                        root.join("deploy/otel-collector/config.yaml").display()
+                    ))
+                    .env(
+                        "OTELCOL_OTLP_GRPC_ENDPOINT",
+                        format!("127.0.0.1:{otlp_grpc}"),
+                    )
+                    .env(
+                        "OTELCOL_OTLP_HTTP_ENDPOINT",
+                        format!("127.0.0.1:{otlp_http}"),
+                    )
+                    .env(
+                        "OTELCOL_JAEGER_ENDPOINT",
+                        format!("127.0.0.1:{jaeger_otlp}"),
+                    )
+                    .env(
+                        "OTELCOL_PROMETHEUS_ENDPOINT",
+                        format!("127.0.0.1:{prometheus}"),
+                    )
+                    .env("OTELCOL_HEALTH_ENDPOINT", format!("127.0.0.1:{health}"))
+                    .env(
+                        "OTELCOL_LOKI_ENDPOINT",
+                        logs.clone()
+                            .unwrap_or_else(|| "http://127.0.0.1:1".to_owned()),
+                    )
+                    .env("OTELCOL_LOKI_COMPRESSION", "none")
+                    .env("OTELCOL_METRICS_HOST", "127.0.0.1")
+                    .env("OTELCOL_METRICS_PORT", free_port().to_string())
+                    .stdout(log("otelcol"))
+                    .stderr(log("otelcol-err"))
+                    .kill_on_drop(true);
+                (collector, health, (otlp_grpc, otlp_http, prometheus))
+            })
+            .await;
         Stack {
             _jaeger: jaeger,
             _collector: collector,
@@ -917,18 +936,32 @@ impl Stack {
     }
 }
 
-async fn wait_healthy(what: &str, port: u16, path: &str) {
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-            && !http_get(port, path).await.is_empty()
-        {
-            return;
+/// Spawns what `command` builds, with fresh ports each attempt, until it
+/// answers on its health port (`command` returns the command, that port and
+/// what the caller keeps). An attempt whose process exits is retried, three
+/// in all: a port picked free can be taken by another test's process
+/// before this one binds it.
+async fn spawn_healthy<T>(
+    what: &str,
+    path: &str,
+    mut command: impl FnMut() -> (Command, u16, T),
+) -> (tokio::process::Child, T) {
+    for _ in 0..3 {
+        let (mut cmd, health, kept) = command();
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("{what}: {e}: run `bash .ci/deps.sh --all` (installs and builds the tools)")
+        });
+        for _ in 0..300 {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if http_status(health, path).await == Some(200) && child.try_wait().unwrap().is_none() {
+                return (child, kept);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{what} did not answer on 127.0.0.1:{port}{path} within 30 s");
+    panic!("{what} did not start in 3 attempts (see its log under the temp dir)");
 }
 
 /// One demo run exporting to the collector; waits for it to finish.
@@ -1358,26 +1391,22 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
-        let child = Command::new(&binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.0.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e}: run `bash .ci/deps.sh --all` (Debian's prometheus and Prometheus 3)",
-                    binary.display()
-                )
-            });
-        wait_healthy(name, port, "/-/ready").await;
+        let (child, port) = spawn_healthy(name, "/-/ready", || {
+            let port = free_port();
+            let log = std::fs::File::create(dir.0.join(format!("prometheus-{port}.log"))).unwrap();
+            let mut cmd = Command::new(&binary);
+            cmd.arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.0.join(format!("data-{port}")).display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .kill_on_drop(true);
+            (cmd, port, port)
+        })
+        .await;
         Prometheus {
             name,
             port,
