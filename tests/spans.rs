@@ -403,7 +403,10 @@ async fn one_task_is_one_trace_over_grpc() {
     assert_eq!(cmd_w.attr_str("mindbus.action"), Some("generate_article"));
     assert_eq!(cmd_w.attr_str("server.address"), Some("127.0.0.1"));
     assert_eq!(cmd_w.attr_i64("server.port"), Some(5672));
-    assert_eq!(cmd_w.attr_str("mindbus.agent"), Some("orchestrator-core"));
+    assert_eq!(
+        cmd_w.attr_str("messaging.client.id"),
+        Some("orchestrator-core")
+    );
     let proc_w = child(&spans, cmd_w, &process_writer, "writer");
     assert_eq!(proc_w.kind, SpanKind::Consumer);
     assert_messaging(proc_w, "process", MessageKind::Command);

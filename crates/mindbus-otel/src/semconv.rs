@@ -48,7 +48,11 @@ pub const MINDBUS_MESSAGE_KIND: &str = "mindbus.message.kind";
 pub const MINDBUS_ACTION: &str = "mindbus.action";
 /// `mindbus.error.code`: `data.error.code` of an ERROR.
 pub const MINDBUS_ERROR_CODE: &str = "mindbus.error.code";
-/// `mindbus.agent`: this process's agent identity.
+/// `messaging.client.id`: this process's agent identity (the conventions'
+/// "unique identifier for the client that consumes or produces a message").
+pub const MESSAGING_CLIENT_ID: &str = "messaging.client.id";
+/// `mindbus.agent`: this process's agent identity (0.1; now
+/// [`MESSAGING_CLIENT_ID`], kept by `MessagingSpans::legacy_shapes`).
 pub const MINDBUS_AGENT: &str = "mindbus.agent";
 /// `mindbus.settlement`: how a delivery was settled (acked, nacked,
 /// rejected, auto_ack, unsettled, settled_elsewhere).

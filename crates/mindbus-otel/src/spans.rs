@@ -270,7 +270,8 @@ impl MessagingSpans {
     /// conventions omit the destination: `publish`, `process`), and
     /// `error.type` = the `data.error.code` of a MindBus ERROR message sent
     /// or received successfully (the conventions keep `error.type` for a
-    /// failed operation; the code is always in `mindbus.error.code`). Off by
+    /// failed operation; the code is always in `mindbus.error.code`), and
+    /// the agent as `mindbus.agent` (now `messaging.client.id`). Off by
     /// default; will be removed in 0.3.
     pub fn legacy_shapes(self, enabled: bool) -> Self {
         self.edit(|i| i.legacy = enabled)
@@ -309,13 +310,22 @@ impl MessagingSpans {
         self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn common_attributes(&self, push: &mut dyn FnMut(KeyValue), agent: Option<&Arc<str>>) {
+    /// The attributes known before the span starts, besides the operation
+    /// and destination, so that samplers see them: the broker
+    /// (`server.address` / `.port`) and this process's agent
+    /// (`messaging.client.id`; `mindbus.agent` with the 0.1 shapes).
+    fn start_attributes(&self, attrs: &mut Vec<KeyValue>, agent: Option<&Arc<str>>) {
         if let Some((host, port)) = &self.inner.server {
-            push(KeyValue::new(SERVER_ADDRESS, Arc::clone(host)));
-            push(KeyValue::new(SERVER_PORT, i64::from(*port)));
+            attrs.push(KeyValue::new(SERVER_ADDRESS, Arc::clone(host)));
+            attrs.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
         }
         if let Some(agent) = agent {
-            push(KeyValue::new(MINDBUS_AGENT, Arc::clone(agent)));
+            let key = if self.inner.legacy {
+                MINDBUS_AGENT
+            } else {
+                MESSAGING_CLIENT_ID
+            };
+            attrs.push(KeyValue::new(key, Arc::clone(agent)));
         }
     }
 
@@ -325,14 +335,12 @@ impl MessagingSpans {
     fn message_attributes(
         &self,
         push: &mut dyn FnMut(KeyValue),
-        agent: Option<&Arc<str>>,
         temporary: bool,
         routing_key: &str,
         props: &lapin::BasicProperties,
         payload: &[u8],
         env: &EnvelopeRef<'_>,
     ) {
-        self.common_attributes(push, agent);
         if temporary {
             push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
             push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
@@ -822,6 +830,7 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_DESTINATION_NAME, dest_value),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
+        self.start_attributes(&mut attrs, msg.state().agent_shared());
         let error_code = (self.inner.legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
@@ -831,11 +840,9 @@ impl Interceptor for MessagingSpans {
             if rpc {
                 push(KeyValue::new(MINDBUS_RPC_PARENT, "in_flight"));
             }
-            let agent = msg.state().agent_shared().cloned();
             let (payload, props) = (msg.payload(), msg.properties());
             self.message_attributes(
                 push,
-                agent.as_ref(),
                 temporary,
                 routing_key,
                 props,
@@ -955,6 +962,7 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_DESTINATION_NAME, destination),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
+        self.start_attributes(&mut attrs, msg.state().agent_shared());
         let error_code = (self.inner.legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
@@ -983,10 +991,8 @@ impl Interceptor for MessagingSpans {
                 MESSAGING_RABBITMQ_DELIVERY_TAG,
                 delivery.delivery_tag as i64,
             ));
-            let agent = msg.state().agent_shared().cloned();
             self.message_attributes(
                 push,
-                agent.as_ref(),
                 temporary,
                 delivery.routing_key.as_str(),
                 &delivery.properties,
@@ -1249,6 +1255,78 @@ mod attribute_tests {
         format!("{} ({} attributes: {keys:?})", span.name, keys.len())
     }
 
+    /// messaging-spans.md: the attributes a sampler needs are given at span
+    /// creation (destination, operation, system, `server.address` /
+    /// `.port`), and the recommended `messaging.client.id`.
+    #[test]
+    fn samplers_see_the_destination_server_and_client_at_start() {
+        use opentelemetry::trace::{Link, TraceState};
+        use opentelemetry_sdk::trace::{SamplingDecision, SamplingResult, ShouldSample};
+
+        #[derive(Debug, Clone, Default)]
+        struct Seen(Arc<Mutex<Vec<Vec<String>>>>);
+        impl ShouldSample for Seen {
+            fn should_sample(
+                &self,
+                _: Option<&Context>,
+                _: opentelemetry::trace::TraceId,
+                _: &str,
+                _: &SpanKind,
+                attributes: &[KeyValue],
+                _: &[Link],
+            ) -> SamplingResult {
+                if let Ok(mut seen) = self.0.lock() {
+                    seen.push(attributes.iter().map(|kv| kv.key.to_string()).collect());
+                }
+                SamplingResult {
+                    decision: SamplingDecision::RecordAndSample,
+                    attributes: Vec::new(),
+                    trace_state: TraceState::default(),
+                }
+            }
+        }
+        let seen = Seen::default();
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(seen.clone())
+            .build();
+        let spans = MessagingSpans::new()
+            .with_tracer_provider(&provider)
+            .server("127.0.0.1", 5672);
+        let agent: Option<Arc<str>> = Some(Arc::from("agent.writer.001"));
+        let chain = InterceptorChain::new(vec![Arc::new(spans)], agent);
+        let f = fixture("command");
+        let mut state = publish(&chain, &f);
+        chain.end_publish(&mut state, &PublishResult::Sent);
+        let mut delivery = Delivery::mock(
+            7,
+            f.exchange.as_str().into(),
+            f.routing_key.as_str().into(),
+            false,
+            f.body.clone(),
+        );
+        delivery.properties = f.properties.clone();
+        let mut state = chain.start_delivery(&delivery, "agent.writer", false);
+        chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+        let seen = seen.0.lock().map(|s| s.clone()).unwrap_or_default();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        for keys in seen {
+            for key in [
+                MESSAGING_SYSTEM,
+                MESSAGING_OPERATION_NAME,
+                MESSAGING_OPERATION_TYPE,
+                MESSAGING_DESTINATION_NAME,
+                SERVER_ADDRESS,
+                SERVER_PORT,
+                MESSAGING_CLIENT_ID,
+            ] {
+                assert!(
+                    keys.iter().any(|k| k == key),
+                    "{key} not at start: {keys:?}"
+                );
+            }
+        }
+    }
+
     /// The vector is allocated at its final size: the prediction is exact
     /// for every MindBus kind, each direction and each option.
     #[test]
@@ -1418,7 +1496,6 @@ mod attribute_tests {
             let mut pushed = Vec::new();
             spans.message_attributes(
                 &mut |kv| pushed.push(kv),
-                None,
                 false,
                 "evt.x",
                 &props,
