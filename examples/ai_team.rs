@@ -481,15 +481,17 @@ async fn traced(
     provider: &SdkTracerProvider,
     task_metrics: Option<&TaskMetrics>,
 ) -> Result<TracedChannel, BoxError> {
+    // The broker, for server.address / server.port on spans and metrics.
+    let (host, port) = broker_host_port();
     let mut b = TracedChannel::builder(conn.create_channel().await?)
         .agent(agent)
         .with(TraceContext::default())
         .with(
             MessagingSpans::default()
                 .with_tracer_provider(provider)
-                .server("127.0.0.1", 5672),
+                .server(host.clone(), port),
         )
-        .with(AgentMetrics::default());
+        .with(AgentMetrics::default().server(host, port));
     if let Some(tm) = task_metrics {
         b = b.with(tm.clone());
     }
@@ -893,6 +895,14 @@ impl Orchestrator {
         }
         cx.span().end();
         outcome
+    }
+}
+
+/// The host and port of `MINDBUS_URL` (5672 when it names none).
+fn broker_host_port() -> (String, u16) {
+    match broker_url().parse::<mindbus_otel::lapin::uri::AMQPUri>() {
+        Ok(uri) => (uri.authority.host, uri.authority.port),
+        Err(_) => ("127.0.0.1".to_owned(), 5672),
     }
 }
 

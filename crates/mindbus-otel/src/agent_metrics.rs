@@ -90,6 +90,9 @@ pub(crate) struct Meta {
 #[derive(Clone)]
 pub struct AgentMetrics {
     inner: Arc<Inner>,
+    /// `server_address` / `server_port` of the messaging metrics
+    /// ([`AgentMetrics::server`]).
+    server: Option<(Arc<str>, Arc<str>)>,
 }
 
 struct Inner {
@@ -206,7 +209,34 @@ impl AgentMetrics {
                 in_flight: HandleCache::default(),
                 described: Once::new(),
             }),
+            server: None,
         }
+    }
+
+    /// The broker address for the `server_address` / `server_port` labels
+    /// of the four `messaging_*` metrics (conditionally required by the
+    /// conventions). Set it before the instance is used.
+    pub fn server(mut self, address: impl Into<String>, port: u16) -> Self {
+        self.server = Some((Arc::from(address.into()), Arc::from(port.to_string())));
+        self
+    }
+
+    /// The labels every `messaging_*` metric of an operation on
+    /// `destination` carries.
+    fn messaging_labels(&self, operation: &'static str, destination: LabelId) -> Vec<Label> {
+        let mut labels = vec![
+            Label::new("messaging_system", "rabbitmq"),
+            Label::new("messaging_operation_name", operation),
+            Label::new(
+                "messaging_destination_name",
+                self.inner.destinations.value(destination),
+            ),
+        ];
+        if let Some((address, port)) = &self.server {
+            labels.push(Label::new("server_address", Arc::clone(address)));
+            labels.push(Label::new("server_port", Arc::clone(port)));
+        }
+        labels
     }
 
     /// The `agent` label guard (to inspect folding).
@@ -335,14 +365,7 @@ impl Interceptor for AgentMetrics {
         let i = &self.inner;
         let error_id = error.as_deref().map(|e| i.errors.id(e));
         let make = || {
-            let mut labels = vec![
-                Label::new("messaging_system", "rabbitmq"),
-                Label::new("messaging_operation_name", "publish"),
-                Label::new(
-                    "messaging_destination_name",
-                    i.destinations.value(meta.destination),
-                ),
-            ];
+            let mut labels = self.messaging_labels("publish", meta.destination);
             if let Some(e) = error_id {
                 labels.push(Label::new("error_type", i.errors.value(e)));
             }
@@ -383,14 +406,7 @@ impl Interceptor for AgentMetrics {
             || {
                 metrics::counter!(
                     CONSUMED_MESSAGES,
-                    vec![
-                        Label::new("messaging_system", "rabbitmq"),
-                        Label::new("messaging_operation_name", operation(pull)),
-                        Label::new(
-                            "messaging_destination_name",
-                            i.destinations.value(destination)
-                        ),
-                    ]
+                    self.messaging_labels(operation(pull), destination)
                 )
             },
             |c| c.increment(1),
@@ -436,14 +452,7 @@ impl Interceptor for AgentMetrics {
         i.processed.with(
             (meta.destination, meta.pull, error_id),
             || {
-                let mut labels = vec![
-                    Label::new("messaging_system", "rabbitmq"),
-                    Label::new("messaging_operation_name", operation(meta.pull)),
-                    Label::new(
-                        "messaging_destination_name",
-                        i.destinations.value(meta.destination),
-                    ),
-                ];
+                let mut labels = self.messaging_labels(operation(meta.pull), meta.destination);
                 if let Some(e) = error_id {
                     labels.push(Label::new("error_type", i.errors.value(e)));
                 }
@@ -568,6 +577,56 @@ mod tests {
             line("unknown", "error", "sent", "ok"),
         ] {
             assert!(text.contains(&want), "no {want} in\n{text}");
+        }
+    }
+
+    /// messaging-metrics.md: `server.address` (conditionally required) and
+    /// `server.port` on the four messaging metrics, when the broker is
+    /// known (`server(..)`); not invented when it is not.
+    #[test]
+    fn the_messaging_metrics_carry_the_server_when_known() {
+        for server in [true, false] {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            let mut am = AgentMetrics::new();
+            if server {
+                am = am.server("rabbit.internal", 5672);
+            }
+            metrics::with_local_recorder(&recorder, || {
+                let chain = InterceptorChain::new(vec![Arc::new(am.clone())], None);
+                publish(
+                    &chain,
+                    "mindbus.main",
+                    "cmd.writer.any",
+                    &event("command", "o"),
+                    BasicProperties::default(),
+                );
+                let d = Delivery::mock(
+                    1,
+                    "mindbus.main".into(),
+                    "cmd.writer.any".into(),
+                    false,
+                    event("command", "o").into_bytes(),
+                );
+                let mut state = chain.start_delivery(&d, "agent.writer", false);
+                chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            });
+            let text = handle.render();
+            for metric in [
+                "messaging_client_sent_messages_total{",
+                "messaging_client_operation_duration_seconds_count{",
+                "messaging_client_consumed_messages_total{",
+                "messaging_process_duration_seconds_count{",
+            ] {
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with(metric))
+                    .unwrap_or_else(|| panic!("no {metric}: {text}"));
+                let labelled = line.contains("server_address=\"rabbit.internal\"")
+                    && line.contains("server_port=\"5672\"");
+                let unlabelled = !line.contains("server_");
+                assert!(if server { labelled } else { unlabelled }, "{line}");
+            }
         }
     }
 }
