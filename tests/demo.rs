@@ -568,18 +568,8 @@ async fn a_queue_declared_otherwise_is_one_line_naming_the_argument() {
     .await
     .unwrap();
 
-    let mut cmd = Command::new(demo_binary());
-    cmd.args(["--role", "writer", "--max-messages", "1"])
-        .env("METRICS_ADDR", "off");
-    isolated(&mut cmd, &prefix, &exchange);
-    cmd.stderr(Stdio::piped());
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("the demo stops at once")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start("writer", &prefix, &exchange).await;
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
     // lapin logs the broker's closing of the channel itself (one line, at
     // ERROR); everything else is the demo's one line.
     let (ours, lapin): (Vec<&str>, Vec<&str>) = lines.iter().partition(|l| !l.contains(" lapin::"));
@@ -599,6 +589,22 @@ async fn a_queue_declared_otherwise_is_one_line_naming_the_argument() {
     );
     conn.close(200, "bye".into()).await.ok();
     cleanup.run().await;
+}
+
+/// Starts `role`, which must refuse to start (exit code 1); its stderr.
+async fn refused_start(role: &str, prefix: &str, exchange: &str) -> String {
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--role", role, "--max-messages", "1"])
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, prefix, exchange);
+    cmd.stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the demo stops at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
 }
 
 /// The demo's exchanges, queues and dead-letter policy that exist now.
@@ -671,17 +677,7 @@ async fn an_exchange_declared_otherwise_stops_the_start_with_nothing_created() {
     )
     .await
     .unwrap();
-    let mut cmd = Command::new(demo_binary());
-    cmd.args(["--role", "orchestrator", "--max-messages", "1"])
-        .env("METRICS_ADDR", "off");
-    isolated(&mut cmd, &prefix, &exchange);
-    cmd.stderr(Stdio::piped());
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("the demo stops at once")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_start("orchestrator", &prefix, &exchange).await;
     let ours: Vec<&str> = stderr
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.contains(" lapin::"))

@@ -269,22 +269,10 @@ impl Drop for LlmCall {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spans::attribute_tests::collecting;
     use opentelemetry::trace::{SpanKind, TracerProvider as _};
-    use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Debug, Clone, Default)]
-    struct Collect(Arc<Mutex<Vec<SpanData>>>);
-
-    impl SpanExporter for Collect {
-        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-            if let Ok(mut spans) = self.0.lock() {
-                spans.extend(batch);
-            }
-            Ok(())
-        }
-    }
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData};
+    use std::sync::Mutex;
 
     /// Serialises the tests that depend on [`capture_content`]'s global.
     static CONTENT: Mutex<()> = Mutex::new(());
@@ -299,10 +287,7 @@ mod tests {
     /// Runs `f` with a span collector and a Prometheus recorder; the spans
     /// and the rendering.
     fn capture(f: impl FnOnce(&SdkTracerProvider)) -> (Vec<SpanData>, String) {
-        let collect = Collect::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(collect.clone())
-            .build();
+        let (provider, collect) = collecting();
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || f(&provider));

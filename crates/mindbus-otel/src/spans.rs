@@ -1123,7 +1123,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod attribute_tests {
+pub(crate) mod attribute_tests {
     use super::*;
     use crate::envelope::Envelope;
     use crate::interceptor::InterceptorChain;
@@ -1136,7 +1136,7 @@ mod attribute_tests {
     use std::sync::Mutex;
 
     #[derive(Debug, Clone, Default)]
-    struct Collect(Arc<Mutex<Vec<SpanData>>>);
+    pub(crate) struct Collect(pub(crate) Arc<Mutex<Vec<SpanData>>>);
 
     impl SpanExporter for Collect {
         async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
@@ -1149,7 +1149,7 @@ mod attribute_tests {
 
     /// A provider exporting every span, as it ends, into the returned
     /// collector.
-    fn collecting() -> (SdkTracerProvider, Collect) {
+    pub(crate) fn collecting() -> (SdkTracerProvider, Collect) {
         let collect = Collect::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(collect.clone())
