@@ -116,8 +116,7 @@ pub(crate) enum Outcome {
 
 /// State shared by the receiver handle and its server tasks.
 pub(crate) struct Shared {
-    spans: Mutex<Vec<ReceivedSpan>>,
-    count: watch::Sender<usize>,
+    spans: Store<ReceivedSpan>,
     logs: Store<ReceivedLog>,
     metrics: Store<ReceivedMetricPoint>,
     mode: watch::Sender<Mode>,
@@ -129,8 +128,7 @@ pub(crate) struct Shared {
 impl Shared {
     fn new() -> Self {
         Shared {
-            spans: Mutex::new(Vec::new()),
-            count: watch::Sender::new(0),
+            spans: Store::new(),
             logs: Store::new(),
             metrics: Store::new(),
             mode: watch::Sender::new(Mode::Accept),
@@ -138,11 +136,6 @@ impl Shared {
             grpc_requests: AtomicUsize::new(0),
             http_requests: AtomicUsize::new(0),
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<ReceivedSpan>> {
-        // A panic while holding the lock cannot leave the Vec half-updated: keep going.
-        self.spans.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn count_http_request(&self) {
@@ -178,13 +171,7 @@ impl Shared {
     pub(crate) async fn export(&self, request: &ExportTraceServiceRequest) -> Outcome {
         let outcome = self.admit().await;
         if let Outcome::Accepted = outcome {
-            let spans = spans_from_request(request);
-            let total = {
-                let mut stored = self.lock();
-                stored.extend(spans);
-                stored.len()
-            };
-            self.count.send_replace(total);
+            self.spans.add(spans_from_request(request));
         }
         outcome
     }
@@ -487,19 +474,18 @@ impl OtlpReceiver {
 
     /// A snapshot of every span received so far, in arrival order.
     pub fn spans(&self) -> SpanSet {
-        SpanSet::new(self.shared.lock().clone())
+        SpanSet::new(self.shared.spans.snapshot())
     }
 
     /// The number of spans received so far.
     pub fn span_count(&self) -> usize {
-        self.shared.lock().len()
+        self.shared.spans.lock().len()
     }
 
     /// Forgets every span, log record and metric point received so far
     /// (the request counters are kept).
     pub fn clear(&self) {
-        self.shared.lock().clear();
-        self.shared.count.send_replace(0);
+        self.shared.spans.clear();
         self.shared.logs.clear();
         self.shared.metrics.clear();
     }
@@ -528,9 +514,12 @@ impl OtlpReceiver {
     /// Waits until at least `n` spans have been received, or `timeout` elapsed, and
     /// returns a snapshot of all spans received (so callers assert on the result).
     pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> SpanSet {
-        let mut rx = self.shared.count.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|count| *count >= n)).await;
-        self.spans()
+        let spans = self
+            .shared
+            .spans
+            .wait_until(timeout, |s| s.len() >= n)
+            .await;
+        SpanSet::new(spans)
     }
 
     /// Waits until `condition` holds for the spans received so far, or `timeout`
@@ -542,20 +531,12 @@ impl OtlpReceiver {
         timeout: Duration,
         condition: impl Fn(&SpanSet) -> bool,
     ) -> SpanSet {
-        let mut rx = self.shared.count.subscribe();
-        let wait = async {
-            loop {
-                rx.borrow_and_update();
-                if condition(&self.spans()) {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(timeout, wait).await;
-        self.spans()
+        let spans = self
+            .shared
+            .spans
+            .wait_until(timeout, |s| condition(&SpanSet::new(s.to_vec())))
+            .await;
+        SpanSet::new(spans)
     }
 
     /// Stops both servers and waits (up to a second) for their tasks to finish.
