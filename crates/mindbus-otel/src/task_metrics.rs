@@ -462,7 +462,6 @@ impl TaskMetrics {
     /// ```
     pub fn task(&self, subject: &str, task_type: &str) -> TaskGuard {
         let now = Instant::now();
-        let task_type = self.inner.task_types.id(task_type);
         let started = self.open_task(subject, task_type, MAX_TTL, now, true);
         TaskGuard {
             metrics: self.clone(),
@@ -631,11 +630,12 @@ impl TaskMetrics {
     /// Opens the task `subject`, or keeps an open one alive until at least
     /// `now + ttl`. `explicit`: opened by [`TaskMetrics::task`] (counted
     /// now), else by a COMMAND being published (counted when it is sent).
-    /// Returns the task's key and start.
+    /// `task_type` is looked up only when the task opens: a task's later
+    /// COMMANDs do not pay for it. Returns the task's key and start.
     fn open_task(
         &self,
         subject: &str,
-        task_type: LabelId,
+        task_type: &str,
         ttl: Duration,
         now: Instant,
         explicit: bool,
@@ -666,7 +666,7 @@ impl TaskMetrics {
                     deadline,
                     Task {
                         started: now,
-                        task_type,
+                        task_type: self.inner.task_types.id(task_type),
                         publishing: u32::from(!explicit),
                         counted: explicit,
                     },
@@ -898,10 +898,7 @@ impl Interceptor for TaskMetrics {
         }
         let task = match env.subject() {
             Some(subject) => {
-                let i = &self.inner;
-                let task_type = i
-                    .task_types
-                    .id(env.task_type().or(env.process_id()).unwrap_or("unknown"));
+                let task_type = env.task_type().or(env.process_id()).unwrap_or("unknown");
                 self.open_task(subject, task_type, ttl, now, false)
             }
             None => {
