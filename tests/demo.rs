@@ -84,6 +84,20 @@ fn exposed_names(exposition: &str) -> BTreeSet<String> {
 
 /// Waits until someone consumes `queue` (the demo's role has started).
 async fn wait_consuming(conn: &Connection, queue: &str) {
+    wait_queue(conn, queue, "nobody started consuming", |q| {
+        q.consumer_count() > 0
+    })
+    .await;
+}
+
+/// Waits until `queue` exists and `ready` holds for it; panics with `what`
+/// after 15 s.
+async fn wait_queue(
+    conn: &Connection,
+    queue: &str,
+    what: &str,
+    ready: impl Fn(&mindbus_otel::lapin::Queue) -> bool,
+) {
     for _ in 0..300 {
         let passive = QueueDeclareOptions {
             passive: true,
@@ -94,13 +108,13 @@ async fn wait_consuming(conn: &Connection, queue: &str) {
         if let Ok(q) = probe
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await
-            && q.consumer_count() > 0
+            && ready(&q)
         {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("nobody started consuming {queue}");
+    panic!("{what} {queue}");
 }
 
 /// Environment isolating one demo run: its own exchange and queues.
@@ -1803,6 +1817,35 @@ async fn stop_within_bound(
     status.code().unwrap_or(-1)
 }
 
+/// `role`, bounded by [`STOP_BOUND`], exporting to `collector`; its stderr
+/// piped, to be read once it has stopped.
+fn spawn_to_stop(
+    role: &str,
+    collector: &OtlpReceiver,
+    prefix: &str,
+    exchange: &str,
+) -> tokio::process::Child {
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--role", role, "--shutdown-timeout"])
+        .arg(STOP_BOUND.as_secs().to_string())
+        .env("METRICS_ADDR", "off")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("MINDBUS_TRACE_VIEW", "off");
+    isolated(&mut cmd, prefix, exchange);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+/// What a stopped child wrote on its piped stderr.
+async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr).await.ok();
+    }
+    stderr
+}
+
 /// The correlation ids of what is in `queue` now (taken off it).
 async fn correlation_ids_in(ch: &mindbus_otel::lapin::Channel, queue: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -1845,19 +1888,7 @@ async fn every_role_stops_within_its_bound_and_loses_no_command() {
         let exchange = unique("stop.bus");
         let cleanup = Cleanup::new(&prefix, &exchange);
         let mut collector = Some(OtlpReceiver::start().await.unwrap());
-        let mut cmd = Command::new(demo_binary());
-        cmd.args(["--role", role, "--shutdown-timeout"])
-            .arg(STOP_BOUND.as_secs().to_string())
-            .env("METRICS_ADDR", "off")
-            .env(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                collector.as_ref().unwrap().grpc_endpoint(),
-            )
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            .env("MINDBUS_TRACE_VIEW", "off");
-        isolated(&mut cmd, &prefix, &exchange);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
+        let mut child = spawn_to_stop(role, collector.as_ref().unwrap(), &prefix, &exchange);
         let queue = format!("{prefix}agent.{role}");
         wait_consuming(&conn, &queue).await;
         // The connection the role opened, by the name it gives it.
@@ -1899,14 +1930,7 @@ async fn every_role_stops_within_its_bound_and_loses_no_command() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let code = code.unwrap();
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .await
-            .ok();
+        let stderr = stderr_of(&mut child).await;
         match also {
             AlsoAtStop::Nothing => {
                 assert_eq!(code, 0, "{what}: {stderr}");
@@ -1968,53 +1992,23 @@ async fn every_role_stops_within_its_bound_and_loses_no_command() {
         let exchange = unique("stop-orch.bus");
         let cleanup = Cleanup::new(&prefix, &exchange);
         let mut collector = Some(OtlpReceiver::start().await.unwrap());
-        let mut cmd = Command::new(demo_binary());
-        cmd.args(["--role", "orchestrator", "--shutdown-timeout"])
-            .arg(STOP_BOUND.as_secs().to_string())
-            .env("METRICS_ADDR", "off")
-            .env(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                collector.as_ref().unwrap().grpc_endpoint(),
-            )
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            .env("MINDBUS_TRACE_VIEW", "off");
-        isolated(&mut cmd, &prefix, &exchange);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
+        let mut child = spawn_to_stop(
+            "orchestrator",
+            collector.as_ref().unwrap(),
+            &prefix,
+            &exchange,
+        );
         let writer_q = format!("{prefix}agent.writer");
         // Its first COMMAND is in the writer's queue: the task is in hand.
-        let mut waited = 0;
-        loop {
-            // A passive declare of a queue not declared yet closes its
-            // channel: one probe channel each.
-            let probe = conn.create_channel().await.unwrap();
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            if let Ok(q) = probe
-                .queue_declare(writer_q.as_str().into(), passive, FieldTable::default())
-                .await
-                && q.message_count() == 1
-            {
-                break;
-            }
-            waited += 1;
-            assert!(waited < 300, "{what}: no COMMAND sent");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_queue(&conn, &writer_q, "no COMMAND sent to", |q| {
+            q.message_count() == 1
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(random_u64() % 500)).await;
         let connection_name = format!("ai_team orchestrator pid {}", child.id().unwrap());
         let code =
             stop_within_bound(&mut child, also, &connection_name, &mut collector, &what).await;
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .await
-            .ok();
+        let stderr = stderr_of(&mut child).await;
         assert_eq!(code, 3, "{what}: the task was abandoned: {stderr}");
         assert!(
             stderr.contains("task 1 abandoned unfinished"),
