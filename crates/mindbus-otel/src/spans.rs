@@ -1169,6 +1169,20 @@ pub(crate) mod attribute_tests {
         state
     }
 
+    /// Runs the delivery hooks for fixture `f` from `queue`, acked.
+    fn deliver_acked(chain: &InterceptorChain, f: &Fixture, queue: &str) {
+        let mut delivery = Delivery::mock(
+            7,
+            f.exchange.as_str().into(),
+            f.routing_key.as_str().into(),
+            false,
+            f.body.clone(),
+        );
+        delivery.properties = f.properties.clone();
+        let mut state = chain.start_delivery(&delivery, queue, false);
+        chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+    }
+
     /// Publishes and consumes every fixture through `spans` and returns
     /// each span with the vector size predicted for it.
     fn run(configure: impl Fn(MessagingSpans) -> MessagingSpans) -> Vec<(SpanData, usize)> {
@@ -1199,16 +1213,7 @@ pub(crate) mod attribute_tests {
             ));
 
             let queue = "mindbus.test.queue";
-            let mut delivery = Delivery::mock(
-                7,
-                f.exchange.as_str().into(),
-                f.routing_key.as_str().into(),
-                false,
-                f.body.clone(),
-            );
-            delivery.properties = f.properties.clone();
-            let mut state = chain.start_delivery(&delivery, queue, false);
-            chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            deliver_acked(&chain, &f, queue);
             predicted.push(spans.attribute_count(
                 delivery_extra(env.kind(), spans.inner.legacy),
                 true,
@@ -1297,16 +1302,7 @@ pub(crate) mod attribute_tests {
         let f = fixture("command");
         let mut state = publish(&chain, &f);
         chain.end_publish(&mut state, &PublishResult::Sent);
-        let mut delivery = Delivery::mock(
-            7,
-            f.exchange.as_str().into(),
-            f.routing_key.as_str().into(),
-            false,
-            f.body.clone(),
-        );
-        delivery.properties = f.properties.clone();
-        let mut state = chain.start_delivery(&delivery, "agent.writer", false);
-        chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+        deliver_acked(&chain, &f, "agent.writer");
         let seen = seen.0.lock().map(|s| s.clone()).unwrap_or_default();
         assert_eq!(seen.len(), 2, "{seen:?}");
         for keys in seen {
