@@ -49,6 +49,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot};
 
+#[path = "support/broker.rs"]
+mod broker;
 #[path = "support/management.rs"]
 mod management;
 
@@ -913,27 +915,12 @@ fn broker_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// Connects as `name` (what the management UI lists the connection as).
-/// Each attempt is bounded: lapin 4.12's connect has been seen to never
-/// return, so an attempt with no answer in 5 s is retried, three in all.
+/// Connects as `name` (what the management UI lists the connection as),
+/// each attempt bounded ([`broker::connect_bounded`]).
 async fn connect(name: &str) -> Connection {
     let url = broker_url();
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let mut outcome = Err("no answer in 3 attempts of 5 s".to_owned());
-    for _ in 0..3 {
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(&url, props.clone()),
-        )
-        .await
-        {
-            Ok(answer) => {
-                outcome = answer.map_err(|e| e.to_string());
-                break;
-            }
-            Err(_) => continue,
-        }
-    }
+    let outcome = broker::connect_bounded(&url, props).await;
     match outcome {
         Ok(conn) => conn,
         Err(e) => {

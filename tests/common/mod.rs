@@ -35,6 +35,10 @@ pub fn broker_down(url: &str, err: &dyn std::fmt::Display) -> String {
     format!("RabbitMQ does not answer on {host} ({err}): start it with `bash .ci/deps.sh`")
 }
 
+#[path = "../../examples/support/broker.rs"]
+mod broker;
+pub use broker::connect_bounded;
+
 /// A connection to the test broker; fails the test with [`broker_down`]'s
 /// line when the broker is down.
 pub async fn connect() -> Connection {
@@ -42,31 +46,6 @@ pub async fn connect() -> Connection {
     match connect_bounded(&url, ConnectionProperties::default()).await {
         Ok(conn) => conn,
         Err(e) => panic!("{}", broker_down(&url, &e)),
-    }
-}
-
-/// `Connection::connect`, each attempt bounded: lapin 4.12's connect has
-/// been seen to never return (a refused connection whose error was not
-/// delivered, under load; once in a CI run), so an attempt that gives no
-/// answer within 5 s is retried, three attempts in all; the last one's
-/// silence is an I/O timeout error.
-pub async fn connect_bounded(
-    url: &str,
-    props: ConnectionProperties,
-) -> Result<Connection, mindbus_otel::lapin::Error> {
-    for _ in 0..2 {
-        let attempt = Connection::connect(url, props.clone());
-        if let Ok(answer) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            return answer;
-        }
-    }
-    match tokio::time::timeout(Duration::from_secs(5), Connection::connect(url, props)).await {
-        Ok(answer) => answer,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "no answer in 3 attempts of 5 s",
-        )
-        .into()),
     }
 }
 
