@@ -855,7 +855,7 @@ async fn connection_dies_under_load(fault: Fault) {
     for q in [&cmd_h, &cmd_s, &replies, &raw_q] {
         delete_queue(&ach, q.as_str()).await;
     }
-    admin.close(200, "bye".into()).await.ok();
+    close(&admin).await;
     drop(proxy);
     shutdown(vec![p]).await;
 }
@@ -1076,8 +1076,8 @@ async fn consumption_and_spans_resume_after_lapin_recovery() {
     }
     delete_queue(&ach, q_handler.as_str()).await;
     delete_queue(&ach, q_stream.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
-    admin.close(200, "bye".into()).await.ok();
+    close(&conn).await;
+    close(&admin).await;
     shutdown(vec![p]).await;
 }
 
@@ -1153,6 +1153,6 @@ fn a_handler_cut_short_by_runtime_shutdown_still_ends_its_span() {
         let conn = connect().await;
         let ch = conn.create_channel().await.unwrap();
         delete_queue(&ch, &queue).await;
-        conn.close(200, "bye".into()).await.ok();
+        close(&conn).await;
     });
 }

@@ -539,7 +539,7 @@ async fn fifty_thousand_messages_exactly_once_under_chaos() {
     handle.cancel().await.unwrap();
     delete_queue(&raw, queue.as_str()).await;
     delete_queue(&raw, dlq.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
 }
 

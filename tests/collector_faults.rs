@@ -264,7 +264,7 @@ async fn messaging_goes_on(collector: Collector) {
 
     handle.cancel().await.unwrap();
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 
     // Bounded shutdown, the collector still faulty.
     let (took, stats) = timed_drop(telemetry).await;

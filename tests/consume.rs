@@ -153,7 +153,7 @@ async fn handler_ok_acks_err_and_panic_dead_letter_and_consumer_goes_on() {
         "nothing left behind"
     );
     dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +227,7 @@ async fn stream_outcomes_ack_nack_reject_drop_and_raw_acker() {
     let dead = drain(&raw, &dlx.dead, 2).await;
     assert_eq!(dead.len(), 2, "nack and reject dead-lettered");
     dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +278,7 @@ async fn no_ack_consumers_report_auto_ack() {
     handle.cancel().await.unwrap();
     delete_queue(&raw, q1.as_str()).await;
     delete_queue(&raw, q2.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 /// A user-written interceptor keeping per-message state in extensions.
@@ -350,7 +350,7 @@ async fn user_interceptors_closures_and_structs() {
     assert_eq!(durations.len(), 1);
     assert!(durations[0] >= Duration::from_millis(20));
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 /// Panics in every hook: messages must still flow, in both directions.
@@ -403,7 +403,7 @@ async fn a_panicking_interceptor_never_breaks_messaging() {
     assert!(mindbus_otel::hook_panics() - before >= 12);
     handle.cancel().await.unwrap();
     delete_queue(&ch, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 /// The error's kind; a channel caught closing or already closed is the same
@@ -555,7 +555,7 @@ async fn lapin_errors_come_back_unchanged() {
     assert_eq!(failures.lock().unwrap().last().unwrap(), "Abandoned");
     ch.wait_for_confirms().await.unwrap();
     delete_queue(&ch, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 /// A settle hook that takes its time, then counts.
@@ -599,7 +599,7 @@ async fn acked_counts_after_the_settle_hooks() {
     assert_eq!(seen, N as u64);
     handle.cancel().await.unwrap();
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 // ------------------------------------------------------- every way to settle
@@ -716,7 +716,7 @@ impl Settling {
             "dead-lettered"
         );
         self.dlx.delete(&self.raw).await;
-        self.conn.close(200, "bye".into()).await.ok();
+        close(&self.conn).await;
     }
 }
 
@@ -1016,5 +1016,5 @@ async fn a_bounded_cancel_settles_in_time_or_leaves_the_message_to_the_broker() 
     );
     assert_eq!(message_count(&raw, &dlx.dead).await, 0, "not dead-lettered");
     dlx.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }

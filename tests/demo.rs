@@ -161,7 +161,7 @@ impl Cleanup {
             delete_exchange(&ch, exchange).await;
             delete_exchange(&ch, &format!("{prefix}mindbus.dlx")).await;
         }
-        conn.close(200, "bye".into()).await.ok();
+        close(&conn).await;
         if let Ok(api) = management::Management::for_broker(&url()) {
             let _ = api
                 .delete_policy(&format!("{prefix}mindbus-dead-letters"))
@@ -421,7 +421,7 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
         assert_eq!(process.parent_span_id, Some(sc.span_id()));
         assert_eq!(process.service_name.as_deref(), Some("writer"));
     }
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     cleanup.run().await;
 }
 
@@ -549,7 +549,7 @@ async fn reference_client_and_demo_share_a_role_queue_in_either_order() {
                 .await
                 .unwrap()
         );
-        conn.close(200, "bye".into()).await.ok();
+        close(&conn).await;
         cleanup.run().await;
     }
 }
@@ -601,7 +601,7 @@ async fn a_queue_declared_otherwise_is_one_line_naming_the_argument() {
         [format!("queue {prefix}agent.writer")],
         "{stderr}"
     );
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     cleanup.run().await;
 }
 
@@ -707,7 +707,7 @@ async fn an_exchange_declared_otherwise_stops_the_start_with_nothing_created() {
         [format!("exchange {exchange}")],
         "{stderr}"
     );
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     cleanup.run().await;
 }
 
@@ -817,7 +817,7 @@ async fn cleanup_guard_deletes_on_drop() {
         .await
         .is_ok();
     assert!(!exchange_left, "the exchange was deleted");
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 // ------------------------------------------- the real Collector and Jaeger
@@ -1068,7 +1068,7 @@ async fn the_demo_through_the_real_collector_into_the_real_jaeger() {
         for q in ["agent.writer", "agent.critic"] {
             wait_consuming(&conn, &format!("{prefix}{q}")).await;
         }
-        conn.close(200, "bye".into()).await.ok();
+        close(&conn).await;
         run_demo(
             &stack,
             "grpc",
@@ -1706,7 +1706,7 @@ async fn every_role_lingers_so_its_final_metrics_are_scraped() {
         roles.push((role, spawn(role, &prefix, &exchange)));
         let conn = connect().await;
         wait_consuming(&conn, &format!("{prefix}agent.{role}")).await;
-        conn.close(200, "bye".into()).await.ok();
+        close(&conn).await;
     }
     roles.push(("orchestrator", spawn("orchestrator", &prefix, &exchange)));
 
@@ -2021,7 +2021,7 @@ async fn every_role_stops_within_its_bound_and_loses_no_command() {
         );
         cleanup.run().await;
     }
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 // ------------------------------------------------------ every log line in its trace

@@ -282,5 +282,5 @@ async fn ten_thousand_mixed_messages_exactly_once_with_exact_counts() {
     handle.cancel().await.unwrap();
     assert_eq!(message_count(&raw, queue.as_str()).await, 0);
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }

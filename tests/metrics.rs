@@ -351,27 +351,46 @@ async fn metrics_from_real_traffic() {
         3.0
     );
 
-    // OpenTelemetry messaging metrics.
-    let sent = [
-        ("messaging_system", "rabbitmq"),
-        ("messaging_operation_name", "publish"),
-        ("messaging_destination_name", exchange.as_str()),
-    ];
-    assert_eq!(s.get("messaging_client_sent_messages_total", &sent), 3.0);
-    assert_eq!(
-        s.get("messaging_client_operation_duration_seconds_count", &sent),
-        3.0
+    // OpenTelemetry messaging metrics: destinations by their template,
+    // routing keys cut to `type.topic.*`; the name only where it is the
+    // template (a named queue on the default exchange).
+    let (to_writers, to_events) = (
+        format!("{exchange}:cmd.writer.*"),
+        format!("{exchange}:evt.task.*"),
     );
+    let sent_to = |template| {
+        [
+            ("messaging_system", "rabbitmq"),
+            ("messaging_operation_name", "publish"),
+            ("messaging_destination_template", template),
+        ]
+    };
+    let commands = sent_to(to_writers.as_str());
+    assert_eq!(
+        s.get("messaging_client_sent_messages_total", &commands),
+        2.0
+    );
+    assert_eq!(
+        s.get(
+            "messaging_client_operation_duration_seconds_count",
+            &commands
+        ),
+        2.0
+    );
+    let events = sent_to(to_events.as_str());
+    assert_eq!(s.get("messaging_client_sent_messages_total", &events), 1.0);
     let replies = [
         ("messaging_system", "rabbitmq"),
         ("messaging_operation_name", "publish"),
+        ("messaging_destination_template", replies_q.as_str()),
         ("messaging_destination_name", replies_q.as_str()),
     ];
     assert_eq!(s.get("messaging_client_sent_messages_total", &replies), 2.0);
+    let from_writers = format!("{to_writers}:{writer_q}");
     let consumed = [
         ("messaging_system", "rabbitmq"),
         ("messaging_operation_name", "process"),
-        ("messaging_destination_name", writer_q.as_str()),
+        ("messaging_destination_template", from_writers.as_str()),
     ];
     assert_eq!(
         s.get("messaging_client_consumed_messages_total", &consumed),
@@ -431,5 +450,5 @@ async fn metrics_from_real_traffic() {
         delete_queue(&raw, q).await;
     }
     delete_exchange(&raw, &exchange).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }

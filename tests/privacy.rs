@@ -371,7 +371,7 @@ async fn a_planted_secret_appears_in_no_span_metric_or_log() {
     for q in [&commands, &replies] {
         delete_queue(&raw, q.as_str()).await;
     }
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     shutdown(vec![p, p2]).await;
 }
 

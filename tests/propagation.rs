@@ -87,7 +87,7 @@ async fn stream_consumer_gets_producer_as_remote_parent() {
     assert!(matches!(tp, AMQPValue::LongString(_)), "{tp:?}");
     delivery.ack(BasicAckOptions::default()).await.unwrap();
     delete_queue(&ch, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +138,7 @@ async fn handler_runs_inside_the_extracted_context_across_awaits() {
     assert!(eventually(Duration::from_secs(5), || handle.stats().acked() == 1).await);
     handle.cancel().await.unwrap();
     delete_queue(&ch, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +164,7 @@ async fn basic_get_extracts_too() {
     assert_child_of(msg.context(), &sc);
     msg.ack(BasicAckOptions::default()).await.unwrap();
     delete_queue(&ch, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 /// Publishes with raw lapin (as another client would) and returns the
@@ -201,7 +201,7 @@ async fn extract_raw(headers: Option<FieldTable>, body: &[u8]) -> (Context, Trac
     let cx = delivery.context().clone();
     delivery.ack(BasicAckOptions::default()).await.unwrap();
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     (cx, tc)
 }
 
@@ -355,7 +355,7 @@ async fn no_global_propagator_is_needed_and_user_headers_survive() {
     assert!(h.inner().contains_key("baggage"));
     assert_eq!(h.inner().len(), user.inner().len() + 3);
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,5 +400,5 @@ async fn no_empty_tracestate_or_baggage_headers() {
     assert!(!first.contains_key("baggage"));
     assert!(seen[1].is_none(), "no headers invented: {:?}", seen[1]);
     delete_queue(&raw, queue.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }

@@ -295,7 +295,7 @@ async fn scenario(
         );
     }
     bus.delete(&raw).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     shutdown(vec![orch_p, writer_p, critic_p]).await;
     (spans, bus, [orch_s, writer_s, critic_s])
 }
@@ -369,16 +369,22 @@ fn assert_messaging(span: &ReceivedSpan, op: &str, kind: MessageKind) {
 async fn one_task_is_one_trace_over_grpc() {
     let (spans, bus, _) = scenario(Proto::Grpc, false, false).await;
     spans.assert_single_trace();
-    let publish_bus = format!("publish {}", bus.exchange);
-    let process_writer = format!("process {}", bus.writer_q);
-    let process_critic = format!("process {}", bus.critic_q);
+    // Span names from the destination template: the routing key's agent
+    // id left out.
+    let x = &bus.exchange;
+    let process_writer = format!("process {x}:cmd.writer.*:{}", bus.writer_q);
+    let process_critic = format!("process {x}:cmd.critic.*:{}", bus.critic_q);
 
     let root = one(&spans, "execute_task", "orchestrator");
     let publishes: Vec<&ReceivedSpan> = spans.children_of(root);
     let names: Vec<&str> = publishes.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        vec![publish_bus.as_str(); 3],
+        [
+            format!("publish {x}:cmd.writer.*"),
+            format!("publish {x}:cmd.critic.*"),
+            format!("publish {x}:evt.task.*"),
+        ],
         "\n{}",
         spans.render_all()
     );
@@ -393,7 +399,11 @@ async fn one_task_is_one_trace_over_grpc() {
     );
     assert_eq!(
         cmd_w.attr_str("messaging.destination.name"),
-        Some(bus.exchange.as_str())
+        Some(format!("{x}:cmd.writer.any").as_str())
+    );
+    assert_eq!(
+        cmd_w.attr_str("messaging.destination.template"),
+        Some(format!("{x}:cmd.writer.*").as_str())
     );
     assert_eq!(cmd_w.attr_str("messaging.message.id"), Some("cmd-1"));
     assert_eq!(
@@ -416,8 +426,13 @@ async fn one_task_is_one_trace_over_grpc() {
             .is_some()
     );
     assert_eq!(
+        proc_w.attr_str("messaging.destination.name"),
+        Some(format!("{x}:cmd.writer.any:{}", bus.writer_q).as_str())
+    );
+    assert_eq!(
         proc_w.attr_str("messaging.destination.subscription.name"),
-        Some(bus.writer_q.as_str())
+        None,
+        "the queue is in the destination name"
     );
     assert_eq!(proc_w.attr_str("mindbus.settlement"), Some("acked"));
     assert!(
@@ -472,7 +487,7 @@ async fn one_task_is_one_trace_over_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_reply_over_http_protobuf() {
     for legacy in [false, true] {
-        let (spans, _bus, _) = scenario(Proto::Http, true, legacy).await;
+        let (spans, bus, _) = scenario(Proto::Http, true, legacy).await;
         spans.assert_single_trace();
         let (publish, process) = if legacy {
             ("publish (temporary)", "process (temporary)")
@@ -509,6 +524,53 @@ async fn error_reply_over_http_protobuf() {
             Some("DEADLINE_EXCEEDED")
         );
         assert!(spans.is_parent_of(err_pub, err_got));
+
+        // The COMMAND's destination: 0.1's exchange and queue, or the
+        // conventions' `{exchange}:{routing key}[:{queue}]`.
+        let x = &bus.exchange;
+        let (sent, got, sent_dest, got_dest, subscription) = if legacy {
+            (
+                format!("publish {x}"),
+                format!("process {}", bus.writer_q),
+                x.clone(),
+                x.clone(),
+                Some(bus.writer_q.as_str()),
+            )
+        } else {
+            (
+                format!("publish {x}:cmd.writer.*"),
+                format!("process {x}:cmd.writer.*:{}", bus.writer_q),
+                format!("{x}:cmd.writer.any"),
+                format!("{x}:cmd.writer.any:{}", bus.writer_q),
+                None,
+            )
+        };
+        let sent = spans.one_where(
+            |s| {
+                s.name == sent
+                    && s.attr_str("messaging.rabbitmq.destination.routing_key")
+                        == Some("cmd.writer.any")
+            },
+            "the COMMAND's publish",
+        );
+        let got = spans.one(&got);
+        assert_eq!(
+            (
+                sent.attr_str("messaging.destination.name"),
+                got.attr_str("messaging.destination.name"),
+                got.attr_str("messaging.destination.subscription.name"),
+            ),
+            (
+                Some(sent_dest.as_str()),
+                Some(got_dest.as_str()),
+                subscription
+            ),
+            "legacy {legacy}"
+        );
+        assert_eq!(
+            sent.attr_str("messaging.destination.template").is_some(),
+            !legacy
+        );
     }
 }
 
@@ -674,7 +736,7 @@ async fn settlement_statuses_and_no_span_left_open() {
 
     delete_queue(&raw, q_stream.as_str()).await;
     delete_queue(&raw, q_handler.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     shutdown(vec![p]).await;
 }
 
@@ -769,7 +831,7 @@ async fn cloudevents_only_context_and_link_only_events() {
         ev.links[0].attr("opentracing.ref_type").is_none(),
         "a link only"
     );
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     shutdown(vec![p]).await;
 }
 
@@ -888,7 +950,7 @@ async fn confirms_nack_unroutable_and_basic_get_receive() {
         delete_queue(&raw, q.as_str()).await;
     }
     delete_exchange(&raw, &exchange).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     shutdown(vec![p]).await;
 }
 
@@ -918,5 +980,5 @@ async fn a_chain_with_a_built_in_interceptor_twice_is_refused() {
     };
     let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(text.contains("holds MessagingSpans twice"), "{text}");
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
 }

@@ -93,6 +93,6 @@ async fn tracing_spans_and_events_in_a_handler_join_the_consumer_span() {
     assert!(save.has_event("slow disk"));
     println!("{}", spans.render_all());
     delete_queue(&raw, q.as_str()).await;
-    conn.close(200, "bye".into()).await.ok();
+    close(&conn).await;
     shutdown(vec![p]).await;
 }

@@ -5,8 +5,8 @@
 //!
 //! | name | type | unit | labels | meaning |
 //! |---|---|---|---|---|
-//! | `messaging_client_sent_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name`, `messaging_destination_name`, `error_type`* | publishes, counted when they end |
-//! | `messaging_client_consumed_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name` (`process`/`receive`), `messaging_destination_name` | deliveries received |
+//! | `messaging_client_sent_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name`, `messaging_destination_template`, `messaging_destination_name`*, `error_type`* | publishes, counted when they end |
+//! | `messaging_client_consumed_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name` (`process`/`receive`), `messaging_destination_template`, `messaging_destination_name`* | deliveries received |
 //! | `messaging_client_operation_duration_seconds` | histogram | s | as sent | publish call to hand-off (confirms off) or broker confirm (on) |
 //! | `messaging_process_duration_seconds` | histogram | s | as consumed, `error_type`* | delivery to settlement |
 //! | `mindbus_messages_total` | counter | messages | `agent`, `peer`, `kind`, `direction`, `outcome` | every message this process's agent sent or received, by the other side, kind, direction and outcome |
@@ -23,10 +23,17 @@
 //! answers (matched by `reply_to` and correlation id while that COMMAND is
 //! in hand); `unknown` otherwise (EVENTs are broadcast).
 //!
-//! `error_type`* is present only on failures. `messaging_destination_name`
-//! is the exchange for publishes (the queue for the default exchange) and
-//! the queue for deliveries; server-named queues read `(temporary)`. Routing
-//! keys, which hold agent ids, are never labels. `outcome` is one of `ok`,
+//! `error_type`* is present only on failures. As the conventions ask of
+//! metrics, the destination is given by its low-cardinality template, the
+//! one span names use ([`crate::destination`]):
+//! `messaging_destination_template` is `mindbus.main:cmd.writer.*` for
+//! COMMANDs sent to writers, `mindbus.main:cmd.writer.*:agent.writer` for
+//! those the writers' queue delivers. `messaging_destination_name`* is given
+//! only where the name is its template, so known to be low-cardinality
+//! (`orchestrator.replies`, a queue on the default exchange); a reply to a
+//! server-named queue has neither. Routing keys, which hold agent ids, are
+//! never labels whole. ([`AgentMetrics::legacy_destinations`] keeps the 0.1
+//! labels for a release.) `outcome` is one of `ok`,
 //! `publish_error` (sent) or `acked`, `nacked`, `rejected`, `unsettled`,
 //! `auto_ack`, `settled_elsewhere` (received); a settlement that never
 //! reached the broker (its channel closed) counts as `unsettled`, with
@@ -42,6 +49,7 @@
 //! `mindbus_otel_interceptor_panics_total{hook}`,
 //! `mindbus_otel_handler_panics_total`.
 
+use crate::destination::{Destination, with_scratch};
 use crate::envelope::MessageKind;
 use crate::in_flight::{DEFAULT_MAX_IN_FLIGHT, InFlight, awaited_reply};
 use crate::interceptor::Interceptor;
@@ -75,7 +83,7 @@ const UNKNOWN_AGENT: &str = "unknown";
 
 /// Per-message state: the label ids computed at the start hook.
 pub(crate) struct Meta {
-    destination: LabelId,
+    destination: DestLabels,
     kind: MessageKind,
     /// This process's agent.
     own: LabelId,
@@ -86,6 +94,15 @@ pub(crate) struct Meta {
     command: Option<u64>,
 }
 
+/// The destination labels of a message: its template (none for a reply to
+/// a server-named queue), and whether its name is the template (then known
+/// to be low-cardinality, and given too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct DestLabels {
+    template: Option<LabelId>,
+    named: bool,
+}
+
 /// The metrics interceptor: see the [module docs](self).
 #[derive(Clone)]
 pub struct AgentMetrics {
@@ -93,6 +110,8 @@ pub struct AgentMetrics {
     /// `server_address` / `server_port` of the messaging metrics
     /// ([`AgentMetrics::server`]).
     server: Option<(Arc<str>, Arc<str>)>,
+    /// The 0.1 `messaging_destination_name` ([`AgentMetrics::legacy_destinations`]).
+    legacy: bool,
 }
 
 struct Inner {
@@ -102,9 +121,9 @@ struct Inner {
     commands: InFlight<LabelId>,
     destinations: LabelGuard,
     errors: LabelGuard,
-    sent: HandleCache<(LabelId, Option<LabelId>), (Counter, Histogram)>,
-    consumed: HandleCache<(LabelId, bool), Counter>,
-    processed: HandleCache<(LabelId, bool, Option<LabelId>), Histogram>,
+    sent: HandleCache<(DestLabels, Option<LabelId>), (Counter, Histogram)>,
+    consumed: HandleCache<(DestLabels, bool), Counter>,
+    processed: HandleCache<(DestLabels, bool, Option<LabelId>), Histogram>,
     messages: HandleCache<(LabelId, LabelId, MessageKind, Direction, &'static str), Counter>,
     processing: HandleCache<(LabelId, MessageKind), Histogram>,
     in_flight: HandleCache<LabelId, Gauge>,
@@ -179,7 +198,12 @@ fn describe() {
         Unit::Count,
         "Label values folded into `other` past the cardinality cap, by label"
     );
-    for label in ["agent", "peer", "messaging_destination_name", "error_type"] {
+    for label in [
+        "agent",
+        "peer",
+        "messaging_destination_template",
+        "error_type",
+    ] {
         metrics::counter!("mindbus_otel_label_overflow_total", "label" => label).increment(0);
     }
 }
@@ -199,7 +223,7 @@ impl AgentMetrics {
                 agents: LabelGuard::new("agent", cap),
                 peers: LabelGuard::new("peer", cap),
                 commands: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
-                destinations: LabelGuard::new("messaging_destination_name", cap),
+                destinations: LabelGuard::new("messaging_destination_template", cap),
                 errors: LabelGuard::new("error_type", cap),
                 sent: HandleCache::default(),
                 consumed: HandleCache::default(),
@@ -210,6 +234,7 @@ impl AgentMetrics {
                 described: Once::new(),
             }),
             server: None,
+            legacy: false,
         }
     }
 
@@ -221,17 +246,35 @@ impl AgentMetrics {
         self
     }
 
+    /// The destination label of mindbus-otel 0.1, for one release, for
+    /// users whose queries rely on it: `messaging_destination_name` = the
+    /// exchange for publishes (the queue for the default exchange) and the
+    /// queue for deliveries (`(temporary)` for server-named queues), where
+    /// it is now `messaging_destination_template` (see the [module
+    /// docs](self)). Off by default; will be removed in 0.3.
+    pub fn legacy_destinations(mut self, enabled: bool) -> Self {
+        self.legacy = enabled;
+        self
+    }
+
     /// The labels every `messaging_*` metric of an operation on
     /// `destination` carries.
-    fn messaging_labels(&self, operation: &'static str, destination: LabelId) -> Vec<Label> {
+    fn messaging_labels(&self, operation: &'static str, destination: DestLabels) -> Vec<Label> {
         let mut labels = vec![
             Label::new("messaging_system", "rabbitmq"),
             Label::new("messaging_operation_name", operation),
-            Label::new(
-                "messaging_destination_name",
-                self.inner.destinations.value(destination),
-            ),
         ];
+        if let Some(template) = destination.template {
+            let value = self.inner.destinations.value(template);
+            if self.legacy {
+                labels.push(Label::new("messaging_destination_name", value));
+            } else {
+                if destination.named {
+                    labels.push(Label::new("messaging_destination_name", Arc::clone(&value)));
+                }
+                labels.push(Label::new("messaging_destination_template", value));
+            }
+        }
         if let Some((address, port)) = &self.server {
             labels.push(Label::new("server_address", Arc::clone(address)));
             labels.push(Label::new("server_port", Arc::clone(port)));
@@ -254,12 +297,37 @@ impl AgentMetrics {
         self.inner.commands.len()
     }
 
-    fn destination(&self, name: &str) -> LabelId {
-        if is_temporary_queue(name) {
-            self.inner.destinations.id(TEMPORARY_DESTINATION)
-        } else {
-            self.inner.destinations.id(name)
+    /// The destination labels: the template, and the name when it is the
+    /// template; with the 0.1 labels, the exchange or queue `legacy`
+    /// (`(temporary)` for a server-named queue).
+    fn destination(&self, destination: Destination<'_>, legacy: &str) -> DestLabels {
+        let guard = &self.inner.destinations;
+        if self.legacy {
+            let value = if is_temporary_queue(legacy) {
+                TEMPORARY_DESTINATION
+            } else {
+                legacy
+            };
+            return DestLabels {
+                template: Some(guard.id(value)),
+                named: true,
+            };
         }
+        with_scratch(|buf| {
+            if !destination.write_template(buf) {
+                return DestLabels {
+                    template: None,
+                    named: false,
+                };
+            }
+            let end = buf.len();
+            destination.write_name(buf);
+            let (template, name) = buf.split_at(end);
+            DestLabels {
+                template: Some(guard.id(template)),
+                named: name == template,
+            }
+        })
     }
 
     fn own_agent(&self, state: &MessageState) -> LabelId {
@@ -333,12 +401,15 @@ impl Interceptor for AgentMetrics {
 
     fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
         self.inner.described.call_once(describe);
-        let exchange = msg.exchange();
-        let destination = self.destination(if exchange.is_empty() {
-            msg.routing_key()
-        } else {
-            exchange
-        });
+        let (exchange, routing_key) = (msg.exchange(), msg.routing_key());
+        let destination = self.destination(
+            Destination::send(exchange, routing_key),
+            if exchange.is_empty() {
+                routing_key
+            } else {
+                exchange
+            },
+        );
         let kind = msg.envelope().kind();
         let own = self.own_agent(msg.state());
         let peer = self.sent_peer(msg, kind);
@@ -390,7 +461,15 @@ impl Interceptor for AgentMetrics {
 
     fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
         self.inner.described.call_once(describe);
-        let destination = self.destination(msg.queue());
+        let delivery = msg.delivery();
+        let destination = self.destination(
+            Destination::receive(
+                delivery.exchange.as_str(),
+                delivery.routing_key.as_str(),
+                msg.queue(),
+            ),
+            msg.queue(),
+        );
         let pull = msg.state().is_pull();
         let props = &msg.delivery().properties;
         let env = msg.envelope();
@@ -627,6 +706,70 @@ mod tests {
                 let unlabelled = !line.contains("server_");
                 assert!(if server { labelled } else { unlabelled }, "{line}");
             }
+        }
+    }
+
+    /// The destination labels, as the conventions' metrics ask (template;
+    /// name only when low-cardinality) and as 0.1 gave them.
+    #[test]
+    fn destination_labels_now_and_in_the_0_1_shape() {
+        for legacy in [false, true] {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            let am = AgentMetrics::new().legacy_destinations(legacy);
+            metrics::with_local_recorder(&recorder, || {
+                let chain = InterceptorChain::new(vec![Arc::new(am.clone())], None);
+                let command = event("command", "o");
+                for (exchange, key) in [
+                    ("mindbus.main", "cmd.writer.001"),
+                    ("", "orchestrator.replies"),
+                    ("", "amq.gen-r1"),
+                ] {
+                    publish(&chain, exchange, key, &command, BasicProperties::default());
+                }
+                let d = Delivery::mock(
+                    1,
+                    "mindbus.main".into(),
+                    "cmd.writer.001".into(),
+                    false,
+                    command.into_bytes(),
+                );
+                let mut state = chain.start_delivery(&d, "agent.writer", false);
+                chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            });
+            let text = handle.render();
+            let mut series: Vec<String> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("messaging_client_sent_messages_total")
+                        || l.starts_with("messaging_client_consumed_messages_total")
+                })
+                .map(|l| {
+                    let labels = &l[l.find('{').map_or(0, |i| i + 1)..l.rfind('}').unwrap_or(0)];
+                    labels
+                        .split(',')
+                        .filter(|kv| kv.starts_with("messaging_destination"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect();
+            series.sort();
+            let want: &[&str] = if legacy {
+                &[
+                    "messaging_destination_name=\"(temporary)\"",
+                    "messaging_destination_name=\"agent.writer\"",
+                    "messaging_destination_name=\"mindbus.main\"",
+                    "messaging_destination_name=\"orchestrator.replies\"",
+                ]
+            } else {
+                &[
+                    "",
+                    "messaging_destination_name=\"orchestrator.replies\",messaging_destination_template=\"orchestrator.replies\"",
+                    "messaging_destination_template=\"mindbus.main:cmd.writer.*\"",
+                    "messaging_destination_template=\"mindbus.main:cmd.writer.*:agent.writer\"",
+                ]
+            };
+            assert_eq!(series, want, "legacy {legacy}:\n{text}");
         }
     }
 }

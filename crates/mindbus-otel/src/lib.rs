@@ -103,6 +103,7 @@ mod channel;
 mod clock;
 mod confirm;
 mod delivery;
+pub mod destination;
 pub mod envelope;
 pub mod genai;
 pub mod handler;

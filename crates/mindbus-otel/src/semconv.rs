@@ -14,16 +14,22 @@ pub const RABBITMQ: &str = "rabbitmq";
 pub const MESSAGING_OPERATION_NAME: &str = "messaging.operation.name";
 /// `messaging.operation.type`: `send`, `process` or `receive`.
 pub const MESSAGING_OPERATION_TYPE: &str = "messaging.operation.type";
-/// `messaging.destination.name`: the exchange (for the default exchange,
-/// the queue named by the routing key).
+/// `messaging.destination.name`: `{exchange}:{routing key}` (send),
+/// `{exchange}:{routing key}:{queue}` (receive, process); see
+/// [`crate::destination`].
 pub const MESSAGING_DESTINATION_NAME: &str = "messaging.destination.name";
+/// `messaging.destination.template`: the destination name with agent ids
+/// and generated names left out (`mindbus.main:cmd.writer.*`); span names
+/// and the `messaging_destination_name` metric label use it.
+pub const MESSAGING_DESTINATION_TEMPLATE: &str = "messaging.destination.template";
 /// `messaging.destination.anonymous`: true for server-named queues
 /// (`amq.gen-*`).
 pub const MESSAGING_DESTINATION_ANONYMOUS: &str = "messaging.destination.anonymous";
 /// `messaging.destination.temporary`: true for server-named and direct
 /// reply-to queues.
 pub const MESSAGING_DESTINATION_TEMPORARY: &str = "messaging.destination.temporary";
-/// `messaging.destination.subscription.name`: the queue a consumer reads.
+/// `messaging.destination.subscription.name`: the queue a consumer reads
+/// (0.1 shapes only: the queue is part of the destination name now).
 pub const MESSAGING_DESTINATION_SUBSCRIPTION_NAME: &str = "messaging.destination.subscription.name";
 /// `messaging.rabbitmq.destination.routing_key`.
 pub const MESSAGING_RABBITMQ_ROUTING_KEY: &str = "messaging.rabbitmq.destination.routing_key";

@@ -6,16 +6,22 @@
 //! | operation | kind | name | starts | ends |
 //! |---|---|---|---|---|
 //! | `basic_publish` | PRODUCER | `publish {destination}` | publish hook | broker confirm (confirms on), hand-off to lapin (off), or the error |
-//! | push delivery | CONSUMER | `process {queue}` | delivery hook | settlement: ack, nack, reject, auto-ack or drop |
-//! | `basic_get` | CONSUMER | `receive {queue}` | delivery hook | settlement |
+//! | push delivery | CONSUMER | `process {destination}` | delivery hook | settlement: ack, nack, reject, auto-ack or drop |
+//! | `basic_get` | CONSUMER | `receive {destination}` | delivery hook | settlement |
 //!
-//! `{destination}` is the exchange; for the default exchange it is the
-//! queue named by the routing key. Server-named and direct reply-to queues
-//! (`amq.gen-*`, `amq.rabbitmq.reply-to*`) never appear in names: as the
-//! conventions ask for anonymous destinations, the name is the operation
-//! alone (`publish`, `process`), and the span carries
-//! `messaging.destination.temporary` (and `.anonymous`). Routing keys, which may hold agent ids, are attributes,
-//! never names.
+//! `messaging.destination.name` is the conventions' RabbitMQ name:
+//! `{exchange}:{routing key}` when sent (`mindbus.main:cmd.writer.any`),
+//! `{exchange}:{routing key}:{queue}` when received
+//! (`mindbus.main:cmd.writer.any:agent.writer`). Routing keys hold agent ids,
+//! so `{destination}` in span names is the low-cardinality
+//! `messaging.destination.template` (`mindbus.main:cmd.writer.*`,
+//! `mindbus.main:cmd.writer.*:agent.writer`; see [`crate::destination`]).
+//! Server-named and direct reply-to queues (`amq.gen-*`,
+//! `amq.rabbitmq.reply-to*`) never appear in names or templates: a reply to
+//! one has no template, and, as the conventions ask for anonymous
+//! destinations, its span name is the operation alone (`publish`,
+//! `process`); such spans carry `messaging.destination.temporary` (and
+//! `.anonymous`).
 //!
 //! **Parents.** A PRODUCER span is a child of the caller's current span.
 //! When there is none and the message is a RESULT or ERROR whose
@@ -61,6 +67,7 @@
 //! time: its duration is the one the metrics record.
 
 use crate::clock;
+use crate::destination::{Destination, with_scratch};
 use crate::envelope::{EnvelopeRef, MessageKind};
 pub use crate::in_flight::DEFAULT_MAX_IN_FLIGHT;
 use crate::in_flight::{InFlight, awaited_reply};
@@ -265,14 +272,19 @@ impl MessagingSpans {
     }
 
     /// The span shapes of mindbus-otel 0.1, for one release, for users whose
-    /// queries or dashboards rely on them: server-named and reply queues in
-    /// span names as `publish (temporary)` / `process (temporary)` (the
-    /// conventions omit the destination: `publish`, `process`), and
-    /// `error.type` = the `data.error.code` of a MindBus ERROR message sent
-    /// or received successfully (the conventions keep `error.type` for a
-    /// failed operation; the code is always in `mindbus.error.code`), and
-    /// the agent as `mindbus.agent` (now `messaging.client.id`). Off by
-    /// default; will be removed in 0.3.
+    /// queries or dashboards rely on them: the exchange (sent; the queue
+    /// for the default exchange) or the exchange and queue (received) as
+    /// `messaging.destination.name`, with the queue as
+    /// `messaging.destination.subscription.name` and no template, and span
+    /// names `publish {exchange}` / `process {queue}` (the conventions:
+    /// `{exchange}:{routing key}[:{queue}]`, names from the template);
+    /// server-named and reply queues in span names as `publish (temporary)`
+    /// / `process (temporary)` (the conventions omit the destination:
+    /// `publish`, `process`); `error.type` = the `data.error.code` of a
+    /// MindBus ERROR message sent or received successfully (the
+    /// conventions keep `error.type` for a failed operation; the code is
+    /// always in `mindbus.error.code`); and the agent as `mindbus.agent`
+    /// (now `messaging.client.id`). Off by default; will be removed in 0.3.
     pub fn legacy_shapes(self, enabled: bool) -> Self {
         self.edit(|i| i.legacy = enabled)
     }
@@ -549,10 +561,11 @@ fn publish_extra(rpc: bool, kind: MessageKind, legacy: bool) -> usize {
 }
 
 /// The attributes a CONSUMER span gets besides the message's: the
-/// subscription and the delivery tag, and at its end `mindbus.settlement`
-/// (and, with the 0.1 shapes, `error.type` for an ERROR message).
+/// delivery tag, and at its end `mindbus.settlement` (and, with the 0.1
+/// shapes, the queue as subscription and `error.type` for an ERROR
+/// message).
 fn delivery_extra(kind: MessageKind, legacy: bool) -> usize {
-    2 + 1 + flag(legacy && kind == MessageKind::Error)
+    2 + flag(legacy) + flag(legacy && kind == MessageKind::Error)
 }
 
 /// `value` cut to [`MAX_BODY_ATTRIBUTE_LEN`] bytes at a character boundary.
@@ -614,23 +627,47 @@ impl Op {
     }
 }
 
+/// What a span records about its destination.
+struct Dest {
+    /// `{operation} {template}`, or the operation alone.
+    span_name: Cow<'static, str>,
+    /// `messaging.destination.name`.
+    name: Value,
+    /// `messaging.destination.template`, if there is one.
+    template: Option<Value>,
+    /// A server-named or direct reply-to queue.
+    temporary: bool,
+}
+
+/// A cached span name and template.
+struct Named {
+    span: &'static str,
+    template: Option<&'static str>,
+}
+
 /// Span names and attribute values, built once per distinct value.
 ///
-/// Names are low-cardinality by construction (exchanges and queues, never
-/// routing keys or generated names), and so are the other cached values
-/// (exchanges, actions, sources): each is leaked once as a `&'static str`
-/// and reused. A static value costs a span nothing to hold and nothing to
-/// drop, where a shared `Arc<str>` would be incremented here and decremented
-/// on the span processor's thread, bouncing its cache line between the two.
-/// Past [`MAX_CACHED_NAMES`] entries (all kinds together, at most 256 bytes
-/// of value each: a misuse) values are built per span instead of growing
-/// the cache.
+/// Destination names ([`crate::destination`]) are cached with their span
+/// name and template, except those holding a server-named queue (each one
+/// new, and short-lived): their templates and span names are cached as
+/// values. Other cached values (exchanges, routing keys, actions, sources)
+/// are few. Each is leaked once as a `&'static str` and reused. A static
+/// value costs a span nothing to hold and nothing to drop, where a shared
+/// `Arc<str>` would be incremented here and decremented on the span
+/// processor's thread, bouncing its cache line between the two. Past
+/// [`MAX_CACHED_NAMES`] entries (all kinds together, at most 256 bytes of
+/// value each: a misuse) values are built per span instead of growing the
+/// cache.
 ///
 /// Lookups of cached entries take no lock (see `ReadMostly`): each map's
 /// table has [`NAME_SLOTS`] slots, of which half are filled before entries
 /// spill into its locked overflow map.
 struct NameCache {
-    names: [ReadMostly<&'static str, &'static str>; 3],
+    /// Per operation, by destination name.
+    names: [ReadMostly<&'static str, Named>; 3],
+    /// Per operation, by the 0.1 destination
+    /// ([`MessagingSpans::legacy_shapes`]): the span name.
+    legacy: [ReadMostly<&'static str, &'static str>; 3],
     values: ReadMostly<&'static str, ()>,
     cached: AtomicUsize,
 }
@@ -659,56 +696,129 @@ fn leak(s: &str) -> &'static str {
 /// Bound of the span-name cache (all operations together).
 pub const MAX_CACHED_NAMES: usize = 1024;
 
-/// Table slots of each of the span-name cache's four maps (48 bytes a
-/// slot for names, 32 for values on 64-bit targets: 44 KiB if all four are
-/// used; each is allocated at its first entry).
+/// Table slots of each of the span-name cache's maps (48 bytes a slot for
+/// names, 32 for values on 64-bit targets; each is allocated at its first
+/// entry).
 pub const NAME_SLOTS: usize = 256;
 
 impl NameCache {
     fn new() -> Self {
         NameCache {
             names: std::array::from_fn(|_| ReadMostly::with_slots(NAME_SLOTS)),
+            legacy: std::array::from_fn(|_| ReadMostly::with_slots(NAME_SLOTS)),
             values: ReadMostly::with_slots(NAME_SLOTS),
             cached: AtomicUsize::new(0),
         }
     }
 
-    /// The span name for `op` on `destination`, the destination as an
-    /// attribute value, and whether it is temporary.
+    /// The span name, destination name and template for `op` on
+    /// `destination`, as the conventions give them.
     #[inline]
-    fn get(&self, op: Op, destination: &str) -> (Cow<'static, str>, Value, bool) {
+    fn get(&self, op: Op, destination: Destination<'_>) -> Dest {
+        let temporary = destination.is_temporary();
+        with_scratch(|name| {
+            destination.write_name(name);
+            if !temporary && let Some((name, named)) = self.names[op.index()].get(name.as_str()) {
+                return Dest {
+                    span_name: Cow::Borrowed(named.span),
+                    name: Value::from(*name),
+                    template: named.template.map(Value::from),
+                    temporary,
+                };
+            }
+            self.get_slow(op, destination, name, temporary)
+        })
+    }
+
+    /// [`Self::get`] past a miss in the lock-free table, or for a
+    /// temporary destination.
+    #[cold]
+    #[inline(never)]
+    fn get_slow(&self, op: Op, destination: Destination<'_>, name: &str, temporary: bool) -> Dest {
+        let mut template = String::new();
+        let has_template = destination.write_template(&mut template);
+        let span_name = if has_template {
+            format!("{} {template}", op.as_str())
+        } else {
+            op.as_str().to_owned()
+        };
+        if temporary {
+            // The name holds a generated queue name: built per span. The
+            // template and span name leave it out, and are shared.
+            return Dest {
+                span_name: self
+                    .interned(&span_name)
+                    .map_or(Cow::Owned(span_name), Cow::Borrowed),
+                name: Value::from(name.to_owned()),
+                template: has_template.then(|| self.value(&template)),
+                temporary,
+            };
+        }
+        let map = &self.names[op.index()];
+        let cached = |name: &&'static str, named: &Named| Dest {
+            span_name: Cow::Borrowed(named.span),
+            name: Value::from(*name),
+            template: named.template.map(Value::from),
+            temporary,
+        };
+        if let Some(hit) = map.get_spilled(name, cached) {
+            return hit;
+        }
+        if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
+            return Dest {
+                span_name: Cow::Owned(span_name),
+                name: Value::from(name.to_owned()),
+                template: has_template.then(|| Value::from(template)),
+                temporary,
+            };
+        }
+        let make = || {
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            let named = Named {
+                span: leak(&span_name),
+                template: has_template.then(|| leak(&template)),
+            };
+            Ok::<_, Infallible>((leak(name), named))
+        };
+        match map.get_or_insert_with(name, make, cached) {
+            Ok(hit) => hit,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The 0.1 shapes ([`MessagingSpans::legacy_shapes`]): the span name
+    /// `{operation} {destination}` for the exchange or queue `destination`,
+    /// the destination as the attribute value, and no template.
+    fn legacy(&self, op: Op, destination: &str) -> Dest {
+        let dest = |span_name, name, temporary| Dest {
+            span_name,
+            name,
+            template: None,
+            temporary,
+        };
         if is_temporary_queue(destination) {
-            // The conventions: an anonymous destination is left out of the
-            // span name.
-            return (
-                Cow::Borrowed(op.as_str()),
+            return dest(
+                Cow::Borrowed(op.legacy_temporary_name()),
                 Value::from(destination.to_owned()),
                 true,
             );
         }
         if destination.is_empty() {
-            return (Cow::Borrowed(op.default_name()), Value::from(""), false);
+            return dest(Cow::Borrowed(op.default_name()), Value::from(""), false);
         }
-        match self.names[op.index()].get(destination) {
-            Some((value, name)) => (Cow::Borrowed(*name), Value::from(*value), false),
-            None => self.get_slow(op, destination),
-        }
-    }
-
-    /// [`Self::get`] past a miss in the lock-free table.
-    #[cold]
-    #[inline(never)]
-    fn get_slow(&self, op: Op, destination: &str) -> (Cow<'static, str>, Value, bool) {
-        let map = &self.names[op.index()];
+        let map = &self.legacy[op.index()];
         let cached = |value: &&'static str, name: &&'static str| {
-            (Cow::Borrowed(*name), Value::from(*value), false)
+            dest(Cow::Borrowed(*name), Value::from(*value), false)
         };
+        if let Some((value, name)) = map.get(destination) {
+            return cached(value, name);
+        }
         if let Some(hit) = map.get_spilled(destination, cached) {
             return hit;
         }
         let name = format!("{} {destination}", op.as_str());
         if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
-            return (Cow::Owned(name), Value::from(destination.to_owned()), false);
+            return dest(Cow::Owned(name), Value::from(destination.to_owned()), false);
         }
         let make = || {
             self.cached.fetch_add(1, Ordering::Relaxed);
@@ -726,27 +836,32 @@ impl NameCache {
     fn value(&self, s: &str) -> Value {
         match self.values.get(s) {
             Some((v, ())) => Value::from(*v),
-            None => self.value_slow(s),
+            None => self
+                .interned(s)
+                .map_or_else(|| Value::from(s.to_owned()), Value::from),
         }
     }
 
-    /// [`Self::value`] past a miss in the lock-free table.
+    /// `s` interned, unless the cache is full.
     #[cold]
     #[inline(never)]
-    fn value_slow(&self, s: &str) -> Value {
-        let cached = |v: &&'static str, (): &()| Value::from(*v);
+    fn interned(&self, s: &str) -> Option<&'static str> {
+        let cached = |v: &&'static str, (): &()| *v;
+        if let Some((v, ())) = self.values.get(s) {
+            return Some(*v);
+        }
         if let Some(hit) = self.values.get_spilled(s, cached) {
-            return hit;
+            return Some(hit);
         }
         if self.cached.load(Ordering::Relaxed) >= MAX_CACHED_NAMES {
-            return Value::from(s.to_owned());
+            return None;
         }
         let make = || {
             self.cached.fetch_add(1, Ordering::Relaxed);
             Ok::<_, Infallible>((leak(s), ()))
         };
         match self.values.get_or_insert_with(s, make, cached) {
-            Ok(hit) => hit,
+            Ok(hit) => Some(hit),
             Err(never) => match never {},
         }
     }
@@ -783,17 +898,21 @@ impl Interceptor for MessagingSpans {
     fn on_publish(&self, msg: &mut OutgoingMessage<'_>) {
         let exchange = msg.exchange();
         let routing_key = msg.routing_key();
-        // For the default exchange the destination is the queue named by
-        // the routing key.
-        let destination = if exchange.is_empty() {
-            routing_key
+        let dest = if self.inner.legacy {
+            // 0.1: the exchange; for the default exchange the queue named
+            // by the routing key.
+            let destination = if exchange.is_empty() {
+                routing_key
+            } else {
+                exchange
+            };
+            self.inner.names.legacy(Op::Publish, destination)
         } else {
-            exchange
+            self.inner
+                .names
+                .get(Op::Publish, Destination::send(exchange, routing_key))
         };
-        let (mut name, dest_value, temporary) = self.inner.names.get(Op::Publish, destination);
-        if temporary && self.inner.legacy {
-            name = Cow::Borrowed(Op::Publish.legacy_temporary_name());
-        }
+        let temporary = dest.temporary;
         let env = msg.envelope();
         let kind = env.kind();
         let props = msg.properties();
@@ -818,7 +937,7 @@ impl Interceptor for MessagingSpans {
 
         // What samplers may look at is given at creation; the details only
         // when the span records (nothing is computed for unsampled spans).
-        let extra = publish_extra(rpc, kind, self.inner.legacy);
+        let extra = publish_extra(rpc, kind, self.inner.legacy) + flag(dest.template.is_some());
         let agent = msg.state().agent_shared().is_some();
         let capacity =
             self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
@@ -827,14 +946,20 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
             KeyValue::new(MESSAGING_OPERATION_NAME, "publish"),
             KeyValue::new(MESSAGING_OPERATION_TYPE, "send"),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, dest_value),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
+        if let Some(template) = dest.template {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
+        }
         self.start_attributes(&mut attrs, msg.state().agent_shared());
         let error_code = (self.inner.legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
-        let mut span = self.start(builder(name, SpanKind::Producer, attrs, start), &parent);
+        let mut span = self.start(
+            builder(dest.span_name, SpanKind::Producer, attrs, start),
+            &parent,
+        );
         if span.is_recording() {
             let push = &mut |kv| span.set_attribute(kv);
             if rpc {
@@ -918,16 +1043,24 @@ impl Interceptor for MessagingSpans {
         // basic_get is a pull ("receive"); a consumer push is "process".
         let pull = msg.state().is_pull();
         let op = if pull { Op::Receive } else { Op::Process };
-        let (mut name, queue_value, temporary) = self.inner.names.get(op, queue);
-        if temporary && self.inner.legacy {
-            name = Cow::Borrowed(op.legacy_temporary_name());
-        }
         let exchange = delivery.exchange.as_str();
-        let destination = if exchange.is_empty() {
-            queue_value.clone()
+        let routing_key = delivery.routing_key.as_str();
+        let legacy = self.inner.legacy;
+        let dest = if legacy {
+            // 0.1: span names by queue; the destination is the exchange
+            // (the queue for the default exchange), the queue the
+            // subscription.
+            let mut dest = self.inner.names.legacy(op, queue);
+            if !exchange.is_empty() {
+                dest.name = self.inner.names.value(exchange);
+            }
+            dest
         } else {
-            self.inner.names.value(exchange)
+            self.inner
+                .names
+                .get(op, Destination::receive(exchange, routing_key, queue))
         };
+        let temporary = dest.temporary;
         let props = &delivery.properties;
         let env = msg.envelope();
         let kind = env.kind();
@@ -949,9 +1082,8 @@ impl Interceptor for MessagingSpans {
         } else {
             remote
         };
-        let extra = delivery_extra(kind, self.inner.legacy);
+        let extra = delivery_extra(kind, legacy) + flag(dest.template.is_some());
         let agent = msg.state().agent_shared().is_some();
-        let routing_key = delivery.routing_key.as_str();
         let capacity =
             self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
         let mut attrs = Vec::with_capacity(capacity);
@@ -959,14 +1091,17 @@ impl Interceptor for MessagingSpans {
             KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
             KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
             KeyValue::new(MESSAGING_OPERATION_TYPE, op.as_str()),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, destination),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
             KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
         ]);
+        if let Some(template) = dest.template {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
+        }
         self.start_attributes(&mut attrs, msg.state().agent_shared());
-        let error_code = (self.inner.legacy && kind == MessageKind::Error)
+        let error_code = (legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
-        let mut builder = builder(name, SpanKind::Consumer, attrs, start);
+        let mut builder = builder(dest.span_name, SpanKind::Consumer, attrs, start);
         if producer.is_valid() {
             // The conventions' link to the creation context. When the
             // producer is the parent too, the link says so: backends of the
@@ -983,10 +1118,17 @@ impl Interceptor for MessagingSpans {
         let mut span = self.start(builder, &parent);
         if span.is_recording() {
             let push = &mut |kv| span.set_attribute(kv);
-            push(KeyValue::new(
-                MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
-                queue_value,
-            ));
+            if legacy {
+                let queue = if temporary {
+                    Value::from(queue.to_owned())
+                } else {
+                    self.inner.names.value(queue)
+                };
+                push(KeyValue::new(
+                    MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
+                    queue,
+                ));
+            }
             push(KeyValue::new(
                 MESSAGING_RABBITMQ_DELIVERY_TAG,
                 delivery.delivery_tag as i64,
@@ -1106,19 +1248,70 @@ mod tests {
     #[test]
     fn names_are_low_cardinality_and_bounded() {
         let names = NameCache::new();
-        let (n, _, temp) = names.get(Op::Process, "amq.gen-abc123");
-        assert_eq!((n.as_ref(), temp), ("process", true));
-        let (n, _, _) = names.get(Op::Publish, "");
-        assert_eq!(n.as_ref(), "publish (default)");
-        let (a, _, _) = names.get(Op::Publish, "mindbus.main");
-        let (b, _, _) = names.get(Op::Publish, "mindbus.main");
-        assert!(matches!((a, b), (Cow::Borrowed(x), Cow::Borrowed(y)) if std::ptr::eq(x, y)));
+        let reply = names.get(
+            Op::Process,
+            Destination::receive("", "amq.gen-abc1", "amq.gen-abc1"),
+        );
+        assert_eq!(
+            (reply.span_name.as_ref(), reply.temporary),
+            ("process", true)
+        );
+        assert!(reply.template.is_none());
+        let fan_out = Destination::receive("mindbus.main", "evt.task.completed", "amq.gen-abc2");
+        let d = names.get(Op::Process, fan_out);
+        assert_eq!(d.span_name.as_ref(), "process mindbus.main:evt.task.*");
+        assert_eq!(
+            d.name.as_str(),
+            "mindbus.main:evt.task.completed:amq.gen-abc2"
+        );
+        let d = names.get(Op::Publish, Destination::send("", ""));
+        assert_eq!(d.span_name.as_ref(), "publish amq.default");
+        let command = Destination::send("mindbus.main", "cmd.writer.any");
+        let (a, b) = (
+            names.get(Op::Publish, command),
+            names.get(Op::Publish, command),
+        );
+        assert_eq!(a.span_name.as_ref(), "publish mindbus.main:cmd.writer.*");
+        assert_eq!(a.name.as_str(), "mindbus.main:cmd.writer.any");
+        assert!(
+            matches!((&a.span_name, &b.span_name), (Cow::Borrowed(x), Cow::Borrowed(y)) if std::ptr::eq(*x, *y))
+        );
+        let interned = names.cached.load(Ordering::Relaxed);
+        for i in 0..3 {
+            let q = format!("amq.gen-{i}");
+            let _ = names.get(Op::Process, Destination::receive("", &q, &q));
+        }
+        assert_eq!(
+            names.cached.load(Ordering::Relaxed),
+            interned,
+            "generated queue names are not interned"
+        );
         for i in 0..(MAX_CACHED_NAMES + 10) {
-            let _ = names.get(Op::Process, &format!("q{i}"));
+            let q = format!("q{i}");
+            let _ = names.get(Op::Process, Destination::receive("", &q, &q));
         }
         assert!(names.cached.load(Ordering::Relaxed) <= MAX_CACHED_NAMES);
-        let (n, _, _) = names.get(Op::Process, "one-more");
-        assert_eq!(n.as_ref(), "process one-more");
+        let d = names.get(
+            Op::Process,
+            Destination::receive("", "one-more", "one-more"),
+        );
+        assert_eq!(d.span_name.as_ref(), "process one-more");
+
+        let legacy = NameCache::new();
+        assert_eq!(
+            legacy.legacy(Op::Publish, "").span_name.as_ref(),
+            "publish (default)"
+        );
+        let d = legacy.legacy(Op::Process, "amq.gen-abc1");
+        assert_eq!(
+            (d.span_name.as_ref(), d.temporary),
+            ("process (temporary)", true)
+        );
+        let d = legacy.legacy(Op::Publish, "mindbus.main");
+        assert_eq!(
+            (d.span_name.as_ref(), d.name.as_str().as_ref()),
+            ("publish mindbus.main", "mindbus.main")
+        );
     }
 }
 
@@ -1195,18 +1388,15 @@ pub(crate) mod attribute_tests {
             let f = fixture(name);
             let env = Envelope::read(&f.routing_key, &f.body);
             let env = env.view();
-            let destination = if f.exchange.is_empty() {
-                f.routing_key.as_str()
-            } else {
-                f.exchange.as_str()
-            };
-            let temporary = is_temporary_queue(destination);
+            let legacy = spans.inner.legacy;
+            let sent = Destination::send(&f.exchange, &f.routing_key);
+            let template = |d: Destination<'_>| flag(!legacy && d.template().is_some());
             let mut state = publish(&chain, &f);
             chain.end_publish(&mut state, &PublishResult::Sent);
             predicted.push(spans.attribute_count(
-                publish_extra(false, env.kind(), spans.inner.legacy),
+                publish_extra(false, env.kind(), legacy) + template(sent),
                 true,
-                temporary,
+                sent.is_temporary(),
                 &f.routing_key,
                 &f.properties,
                 &env,
@@ -1214,8 +1404,9 @@ pub(crate) mod attribute_tests {
 
             let queue = "mindbus.test.queue";
             deliver_acked(&chain, &f, queue);
+            let received = Destination::receive(&f.exchange, &f.routing_key, queue);
             predicted.push(spans.attribute_count(
-                delivery_extra(env.kind(), spans.inner.legacy),
+                delivery_extra(env.kind(), legacy) + template(received),
                 true,
                 false,
                 &f.routing_key,

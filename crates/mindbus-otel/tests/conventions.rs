@@ -115,10 +115,16 @@ fn str_attr(s: &SpanData, key: &str) -> Option<String> {
 /// The label names of the first sample of `metric` in the exposition
 /// (histograms render as summaries here: no buckets are configured).
 fn label_names(text: &str, metric: &str) -> Vec<String> {
+    label_names_where(text, metric, "")
+}
+
+/// The label names of the first sample of `metric` whose line contains
+/// `containing` (the exposition's order of series is not fixed).
+fn label_names_where(text: &str, metric: &str, containing: &str) -> Vec<String> {
     let line = text
         .lines()
-        .find(|l| l.starts_with(&format!("{metric}{{")))
-        .unwrap_or_else(|| panic!("no {metric}: {text}"));
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(containing))
+        .unwrap_or_else(|| panic!("no {metric} with {containing:?}: {text}"));
     let inner = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()];
     inner
         .split(',')
@@ -126,6 +132,25 @@ fn label_names(text: &str, metric: &str) -> Vec<String> {
         .filter(|k| k != "le" && k != "quantile")
         .collect()
 }
+
+/// Every value of `label` in the exposition.
+fn label_values(text: &str, label: &str) -> Vec<String> {
+    let key = format!("{label}=\"");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let from = l.find(&key)? + key.len();
+            let len = l[from..].find('"')?;
+            Some(l[from..from + len].to_owned())
+        })
+        .collect()
+}
+
+/// The COMMAND's spans, named from the destination template.
+const SEND: &str = "publish mindbus.main:cmd.writer.*";
+const PROCESS: &str = "process mindbus.main:cmd.writer.*:agent.writer";
+const SEND_TEMPLATE: &str = "mindbus.main:cmd.writer.*";
+const PROCESS_TEMPLATE: &str = "mindbus.main:cmd.writer.*:agent.writer";
 
 type Check = fn(&Exported) -> Result<(), String>;
 
@@ -141,8 +166,8 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
         "publish is PRODUCER, process is CONSUMER",
         |e| {
             check(
-                span(e, "publish mindbus.main").span_kind == SpanKind::Producer
-                    && span(e, "process agent.writer").span_kind == SpanKind::Consumer,
+                span(e, SEND).span_kind == SpanKind::Producer
+                    && span(e, PROCESS).span_kind == SpanKind::Consumer,
                 "kinds",
             )
         },
@@ -150,14 +175,9 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
     (
         "messaging/messaging-spans.md",
         "Span name",
-        "`{operation name} {destination}`; an anonymous destination is left out",
+        "`{operation name} {destination}`, the destination from messaging.destination.template; an anonymous destination is left out",
         |e| {
-            for name in [
-                "publish mindbus.main",
-                "process agent.writer",
-                "publish",
-                "process",
-            ] {
+            for name in [SEND, PROCESS, "publish", "process"] {
                 span(e, name);
             }
             check(
@@ -171,12 +191,11 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
         "Send span (producer): attributes",
         "system rabbitmq, operation name publish and type send, destination, routing key",
         |e| {
-            let s = span(e, "publish mindbus.main");
+            let s = span(e, SEND);
             check(
                 str_attr(s, "messaging.system").as_deref() == Some("rabbitmq")
                     && str_attr(s, "messaging.operation.name").as_deref() == Some("publish")
                     && str_attr(s, "messaging.operation.type").as_deref() == Some("send")
-                    && str_attr(s, "messaging.destination.name").as_deref() == Some("mindbus.main")
                     && str_attr(s, "messaging.rabbitmq.destination.routing_key").as_deref()
                         == Some("cmd.writer.any"),
                 format!("{:?}", s.attributes),
@@ -186,16 +205,39 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
     (
         "messaging/rabbitmq.md",
         "Process span (consumer): attributes",
-        "operation process, the delivery tag, the subscription (queue)",
+        "operation process, the delivery tag",
         |e| {
-            let s = span(e, "process agent.writer");
+            let s = span(e, PROCESS);
             check(
                 str_attr(s, "messaging.operation.type").as_deref() == Some("process")
-                    && attr(s, "messaging.rabbitmq.message.delivery_tag").is_some()
-                    && str_attr(s, "messaging.destination.subscription.name").as_deref()
-                        == Some("agent.writer"),
+                    && attr(s, "messaging.rabbitmq.message.delivery_tag").is_some(),
                 format!("{:?}", s.attributes),
             )
+        },
+    ),
+    (
+        "messaging/rabbitmq.md",
+        "messaging.destination.name [1], all four spans",
+        "send `{exchange}:{routing key}`, receive `{exchange}:{routing key}:{queue}` (a routing key equal to the queue once); templates low-cardinality, none for a server-named queue",
+        |e| {
+            for (name, destination, template) in [
+                (SEND, "mindbus.main:cmd.writer.any", Some(SEND_TEMPLATE)),
+                (
+                    PROCESS,
+                    "mindbus.main:cmd.writer.any:agent.writer",
+                    Some(PROCESS_TEMPLATE),
+                ),
+                ("publish", "amq.gen-reply", None),
+                ("process", "amq.gen-reply", None),
+            ] {
+                let s = span(e, name);
+                check(
+                    str_attr(s, "messaging.destination.name").as_deref() == Some(destination)
+                        && str_attr(s, "messaging.destination.template").as_deref() == template,
+                    format!("{name}: {:?}", s.attributes),
+                )?;
+            }
+            Ok(())
         },
     ),
     (
@@ -249,7 +291,7 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
     (
         "messaging/messaging-metrics.md",
         "messaging.client.sent.messages / consumed.messages / operation.duration / process.duration",
-        "the four metrics, each with system, operation, destination and server",
+        "the four metrics, each with system, operation, destination template and server",
         |e| {
             for metric in [
                 "messaging_client_sent_messages_total",
@@ -257,11 +299,13 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
                 "messaging_client_operation_duration_seconds",
                 "messaging_process_duration_seconds",
             ] {
-                let labels = label_names(&e.metrics, metric);
+                // The COMMAND's series (the reply's, to a server-named
+                // queue, has no destination label).
+                let labels = label_names_where(&e.metrics, metric, "cmd.writer");
                 for want in [
                     "messaging_system",
                     "messaging_operation_name",
-                    "messaging_destination_name",
+                    "messaging_destination_template",
                     "server_address",
                     "server_port",
                 ] {
@@ -272,6 +316,24 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
                 }
             }
             Ok(())
+        },
+    ),
+    (
+        "messaging/messaging-metrics.md",
+        "messaging.destination.name [4] and messaging.destination.template",
+        "the template on every metric with a destination; the name only where it is low-cardinality (here: never); never a whole routing key or a generated queue",
+        |e| {
+            let mut templates = label_values(&e.metrics, "messaging_destination_template");
+            templates.sort();
+            templates.dedup();
+            let names = label_values(&e.metrics, "messaging_destination_name");
+            check(
+                templates == [SEND_TEMPLATE, PROCESS_TEMPLATE]
+                    && names.is_empty()
+                    && !e.metrics.contains("amq.gen")
+                    && !e.metrics.contains("cmd.writer.any"),
+                format!("{templates:?} {names:?}"),
+            )
         },
     ),
     (
