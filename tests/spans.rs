@@ -886,8 +886,20 @@ async fn confirms_nack_unroutable_and_basic_get_receive() {
         .unwrap();
     assert!(conf.is_ack() && conf.take_message().is_some());
 
-    // basic_get inside the caller's span: a `receive` span, child of it.
+    // basic_get inside the caller's span (semconv: a pull is a CLIENT
+    // `receive` span over the call, a child of the caller's span, even
+    // when it fetches nothing; the processing is a CONSUMER `process`
+    // span, a child of the receive): first on the empty queue, then once
+    // the broker holds the message.
     let q = declare_queue(&raw, &unique("spans.get"), FieldTable::default()).await;
+    let poll = p.tracer("publisher").start("poll");
+    let poll_cx = Context::new().with_span(poll);
+    let nothing = t
+        .basic_get(q.clone(), Default::default())
+        .with_context(poll_cx.clone())
+        .await
+        .unwrap();
+    assert!(nothing.is_none());
     let sc = span_context();
     let mut h = FieldTable::default();
     h.insert(
@@ -905,45 +917,72 @@ async fn confirms_nack_unroutable_and_basic_get_receive() {
     .unwrap()
     .await
     .unwrap();
-    let poll = p.tracer("publisher").start("poll");
-    let poll_cx = Context::new().with_span(poll);
-    let got = async {
-        loop {
-            if let Some(m) = t.basic_get(q.clone(), Default::default()).await.unwrap() {
-                break m;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..250 {
+        if message_count(&raw, q.as_str()).await == 1 {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    .with_context(poll_cx.clone())
-    .await;
+    let got = t
+        .basic_get(q.clone(), Default::default())
+        .with_context(poll_cx.clone())
+        .await
+        .unwrap()
+        .expect("the message is ready");
     got.ack(BasicAckOptions::default()).await.unwrap();
     poll_cx.span().end();
 
     flush(&[&p]).await;
-    let spans = rx.wait_for_spans(4, Duration::from_secs(10)).await;
-    spans.assert_len(4);
+    let spans = rx.wait_for_spans(6, Duration::from_secs(10)).await;
+    spans.assert_len(6);
     let nacked = spans.one(&format!("publish {full}"));
     assert_eq!(nacked.status.code, StatusCode::Error);
     assert_eq!(nacked.attr_str("error.type"), Some("nack"));
     assert_eq!(nacked.attr_str("mindbus.publish.confirm"), Some("nack"));
     let unroutable = spans.one(&format!("publish {exchange}"));
     assert_eq!(unroutable.attr_str("error.type"), Some("unroutable"));
-    let receive = spans.one(&format!("receive {q}"));
-    assert_eq!(receive.kind, SpanKind::Consumer);
-    assert_eq!(
-        receive.attr_str("messaging.operation.type"),
-        Some("receive")
-    );
     let poll = spans.one("poll");
-    assert!(
-        spans.is_parent_of(poll, receive),
-        "receive is a child of the caller's span"
-    );
+    let receive_q = format!("receive {q}");
+    let receives: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == receive_q).collect();
+    assert_eq!(receives.len(), 2, "\n{}", spans.render_all());
+    for receive in &receives {
+        assert_eq!(receive.kind, SpanKind::Client);
+        assert_eq!(
+            receive.attr_str("messaging.operation.type"),
+            Some("receive")
+        );
+        assert!(
+            spans.is_parent_of(poll, receive),
+            "receive is a child of the caller's span"
+        );
+    }
+    let (empty, receive) = match receives[0].attr_i64("messaging.batch.message_count") {
+        Some(_) => (receives[0], receives[1]),
+        None => (receives[1], receives[0]),
+    };
+    assert_eq!(empty.attr_i64("messaging.batch.message_count"), Some(0));
+    assert!(empty.links.is_empty());
+    assert_eq!(receive.attr_i64("messaging.batch.message_count"), None);
     assert_eq!(
         receive.links[0].span_id,
         sc.span_id(),
-        "and links to the producer"
+        "the receive links to the producer"
+    );
+    let process = spans.one(&format!("process {q}"));
+    assert_eq!(process.kind, SpanKind::Consumer);
+    assert!(
+        spans.is_parent_of(receive, process),
+        "the processing is a child of the receive"
+    );
+    assert_eq!(
+        process.links[0].span_id,
+        sc.span_id(),
+        "and links to it too"
+    );
+    assert_eq!(process.attr_str("mindbus.settlement"), Some("acked"));
+    assert!(
+        receive.end_unix_nanos <= process.start_unix_nanos,
+        "the receive covers the call only"
     );
 
     for q in [&full, &q] {

@@ -7,8 +7,8 @@
 //! |---|---|---|---|---|
 //! | `messaging_client_sent_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name`, `messaging_destination_template`, `messaging_destination_name`*, `error_type`* | publishes, counted when they end |
 //! | `messaging_client_consumed_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name` (`process`/`receive`), `messaging_destination_template`, `messaging_destination_name`* | deliveries received |
-//! | `messaging_client_operation_duration_seconds` | histogram | s | as sent | publish call to hand-off (confirms off) or broker confirm (on) |
-//! | `messaging_process_duration_seconds` | histogram | s | as consumed, `error_type`* | delivery to settlement |
+//! | `messaging_client_operation_duration_seconds` | histogram | s | as sent, `messaging_operation_name` `publish` or `receive` | `publish`: the call to hand-off (confirms off) or broker confirm (on); `receive`: a `basic_get` call, also when it fetched nothing or failed |
+//! | `messaging_process_duration_seconds` | histogram | s | as consumed, `messaging_operation_name` `process`, `error_type`* | delivery (or the pull's return) to settlement |
 //! | `mindbus_messages_total` | counter | messages | `agent`, `peer`, `kind`, `direction`, `outcome` | every message this process's agent sent or received, by the other side, kind, direction and outcome |
 //! | `mindbus_processing_duration_seconds` | histogram | s | `agent`, `kind` | delivery to settlement, by this process's agent and the message kind |
 //! | `mindbus_messages_in_flight` | gauge | messages | `agent` | deliveries received and not yet settled |
@@ -55,7 +55,8 @@ use crate::in_flight::{DEFAULT_MAX_IN_FLIGHT, InFlight, awaited_reply};
 use crate::interceptor::Interceptor;
 use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId};
 use crate::message::{
-    Direction, IncomingMessage, MessageState, Outcome, OutgoingMessage, PublishResult, Settlement,
+    Direction, EmptyPull, IncomingMessage, MessageState, Outcome, OutgoingMessage, PublishResult,
+    Settlement,
 };
 use crate::semconv::{TEMPORARY_DESTINATION, is_temporary_queue};
 use crate::spans::lapin_error_type;
@@ -89,7 +90,6 @@ pub(crate) struct Meta {
     own: LabelId,
     /// The other side.
     peer: LabelId,
-    pull: bool,
     /// A received COMMAND's key in the in-flight table.
     command: Option<u64>,
 }
@@ -123,7 +123,9 @@ struct Inner {
     errors: LabelGuard,
     sent: HandleCache<(DestLabels, Option<LabelId>), (Counter, Histogram)>,
     consumed: HandleCache<(DestLabels, bool), Counter>,
-    processed: HandleCache<(DestLabels, bool, Option<LabelId>), Histogram>,
+    processed: HandleCache<(DestLabels, Option<LabelId>), Histogram>,
+    /// `receive` (`basic_get`) durations.
+    pulls: HandleCache<(DestLabels, Option<LabelId>), Histogram>,
     messages: HandleCache<(LabelId, LabelId, MessageKind, Direction, &'static str), Counter>,
     processing: HandleCache<(LabelId, MessageKind), Histogram>,
     in_flight: HandleCache<LabelId, Gauge>,
@@ -228,6 +230,7 @@ impl AgentMetrics {
                 sent: HandleCache::default(),
                 consumed: HandleCache::default(),
                 processed: HandleCache::default(),
+                pulls: HandleCache::default(),
                 messages: HandleCache::default(),
                 processing: HandleCache::default(),
                 in_flight: HandleCache::default(),
@@ -330,6 +333,21 @@ impl AgentMetrics {
         })
     }
 
+    /// Records a `basic_get` call's duration as
+    /// `messaging_client_operation_duration_seconds{messaging_operation_name="receive"}`.
+    fn record_pull(&self, destination: DestLabels, error: Option<LabelId>, seconds: f64) {
+        let i = &self.inner;
+        let make = || {
+            let mut labels = self.messaging_labels("receive", destination);
+            if let Some(e) = error {
+                labels.push(Label::new("error_type", i.errors.value(e)));
+            }
+            metrics::histogram!(OPERATION_DURATION, labels)
+        };
+        i.pulls
+            .with((destination, error), make, |h| h.record(seconds));
+    }
+
     fn own_agent(&self, state: &MessageState) -> LabelId {
         self.inner.agents.id(state.agent().unwrap_or(UNKNOWN_AGENT))
     }
@@ -418,7 +436,6 @@ impl Interceptor for AgentMetrics {
             kind,
             own,
             peer,
-            pull: false,
             command: None,
         });
     }
@@ -490,6 +507,10 @@ impl Interceptor for AgentMetrics {
             },
             |c| c.increment(1),
         );
+        if let Some(call) = msg.state().pull_started() {
+            let took = msg.state().started().saturating_duration_since(call);
+            self.record_pull(destination, None, took.as_secs_f64());
+        }
         let own = self.own_agent(msg.state());
         self.in_flight(own, 1.0);
         msg.state_mut().builtin.agent = Some(Meta {
@@ -497,9 +518,18 @@ impl Interceptor for AgentMetrics {
             kind,
             own,
             peer,
-            pull,
             command,
         });
+    }
+
+    fn on_empty_pull(&self, pull: &EmptyPull<'_>) {
+        self.inner.described.call_once(describe);
+        let destination = self.destination(Destination::receive("", "", pull.queue), pull.queue);
+        let error = pull
+            .error
+            .map(|e| self.inner.errors.id(&lapin_error_type(e)));
+        let took = pull.ended.saturating_duration_since(pull.started);
+        self.record_pull(destination, error, took.as_secs_f64());
     }
 
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
@@ -529,9 +559,10 @@ impl Interceptor for AgentMetrics {
         };
         let error_id = error.map(|e| i.errors.id(e));
         i.processed.with(
-            (meta.destination, meta.pull, error_id),
+            (meta.destination, error_id),
             || {
-                let mut labels = self.messaging_labels(operation(meta.pull), meta.destination);
+                // A pulled message too: its `receive` is the pull call.
+                let mut labels = self.messaging_labels("process", meta.destination);
                 if let Some(e) = error_id {
                     labels.push(Label::new("error_type", i.errors.value(e)));
                 }
@@ -771,5 +802,64 @@ mod tests {
             };
             assert_eq!(series, want, "legacy {legacy}:\n{text}");
         }
+    }
+
+    /// A pull is a `receive` (the `basic_get` call, counted in the
+    /// operation duration even when it fetched nothing or failed), then a
+    /// `process` of what it fetched (messaging-metrics.md: the client
+    /// operation duration covers receive; the process duration, process).
+    #[test]
+    fn a_pull_is_a_receive_then_a_process() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let am = AgentMetrics::new();
+            let chain = InterceptorChain::new(vec![Arc::new(am)], None);
+            let call = std::time::Instant::now();
+            let d = Delivery::mock(
+                1,
+                "".into(),
+                "jobs".into(),
+                false,
+                event("command", "o").into_bytes(),
+            );
+            let mut state = chain.start_pulled_delivery(&d, "jobs", call);
+            chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+            chain.empty_pull("jobs", std::time::Instant::now(), None);
+            let failed: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
+            chain.empty_pull("jobs", std::time::Instant::now(), Some(&failed));
+        });
+        let text = handle.render();
+        let count = |metric: &str, must: &[&str], must_not: &[&str]| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(metric))
+                .filter(|l| must.iter().all(|m| l.contains(m)))
+                .filter(|l| !must_not.iter().any(|m| l.contains(m)))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let receive = "messaging_operation_name=\"receive\"";
+        let process = "messaging_operation_name=\"process\"";
+        let jobs = "messaging_destination_template=\"jobs\"";
+        let duration = "messaging_client_operation_duration_seconds_count";
+        assert_eq!(
+            count(duration, &[receive, jobs], &["error_type"]),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            count(
+                duration,
+                &[receive, jobs, "error_type=\"lapin_error\""],
+                &[]
+            ),
+            1.0,
+            "{text}"
+        );
+        let processed = "messaging_process_duration_seconds_count";
+        assert_eq!(count(processed, &[process, jobs], &[]), 1.0, "{text}");
+        assert_eq!(count(processed, &[receive], &[]), 0.0, "{text}");
+        let consumed = "messaging_client_consumed_messages_total";
+        assert_eq!(count(consumed, &[receive, jobs], &[]), 1.0, "{text}");
     }
 }

@@ -214,15 +214,24 @@ impl TracedChannel {
     ) -> lapin::Result<Option<TracedGetMessage>> {
         let queue_name: Arc<str> = Arc::from(queue.as_str());
         let no_ack = options.no_ack;
-        let Some(msg) = self.inner.basic_get(queue, options).await? else {
-            return Ok(None);
+        let call = Instant::now();
+        let msg = match self.inner.basic_get(queue, options).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                self.chain.empty_pull(&queue_name, call, None);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.chain.empty_pull(&queue_name, call, Some(&e));
+                return Err(e);
+            }
         };
-        let delivery = TracedDelivery::new(
+        let delivery = TracedDelivery::pulled(
             msg.delivery,
             Arc::clone(&self.chain),
             &queue_name,
             no_ack,
-            true,
+            call,
         );
         Ok(Some(TracedGetMessage {
             delivery,

@@ -60,6 +60,23 @@ impl TracedDelivery {
         }
     }
 
+    /// A message a `basic_get` call begun at `call` fetched.
+    pub(crate) fn pulled(
+        delivery: Delivery,
+        chain: Arc<InterceptorChain>,
+        queue: &str,
+        no_ack: bool,
+        call: std::time::Instant,
+    ) -> Self {
+        let state = chain.start_pulled_delivery(&delivery, queue, call);
+        TracedDelivery {
+            delivery,
+            state: Some(state),
+            chain,
+            no_ack,
+        }
+    }
+
     /// The OpenTelemetry context this delivery should be processed in: the
     /// CONSUMER span when spans are on, else the extracted remote parent,
     /// else empty. Use it as `tracer.start_with_context(.., traced.context())`

@@ -25,7 +25,7 @@
 //! counted and logged; the message goes on and later hooks still run.
 
 use crate::message::{
-    Direction, IncomingMessage, MessageState, OutgoingMessage, PublishResult, Settlement,
+    Direction, EmptyPull, IncomingMessage, MessageState, OutgoingMessage, PublishResult, Settlement,
 };
 use crate::settles::Settles;
 use lapin::options::BasicPublishOptions;
@@ -35,6 +35,7 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Observes and decorates messages. Hooks must be cheap and must not block.
 pub trait Interceptor: Send + Sync + 'static {
@@ -59,6 +60,14 @@ pub trait Interceptor: Send + Sync + 'static {
         let _ = (state, settlement);
     }
 
+    /// A `basic_get` fetched nothing (the queue was empty, or the call
+    /// failed). A pull that fetched a message is an
+    /// [`on_delivery`](Interceptor::on_delivery) with
+    /// [`MessageState::pull_started`] set.
+    fn on_empty_pull(&self, pull: &EmptyPull<'_>) {
+        let _ = pull;
+    }
+
     /// For the built-in interceptors whose per-message state the chain
     /// keeps inline, one slot per type: their type's name. A chain may hold
     /// each at most once ([`InterceptorChain::check`]). Not for other
@@ -81,6 +90,9 @@ impl<T: Interceptor + ?Sized> Interceptor for Arc<T> {
     }
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {
         (**self).on_settle(state, settlement);
+    }
+    fn on_empty_pull(&self, pull: &EmptyPull<'_>) {
+        (**self).on_empty_pull(pull);
     }
     fn builtin_slot(&self) -> Option<&'static str> {
         (**self).builtin_slot()
@@ -296,9 +308,29 @@ impl InterceptorChain {
     /// with `basic_get`) and returns its state, for
     /// [`end_delivery`](Self::end_delivery).
     pub fn start_delivery(&self, delivery: &Delivery, queue: &str, pull: bool) -> MessageState {
+        self.start_delivery_pulled_at(delivery, queue, pull.then(Instant::now))
+    }
+
+    /// Runs the delivery hooks for a message a `basic_get` call begun at
+    /// `call` fetched (its `receive` covers the call).
+    pub fn start_pulled_delivery(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        call: Instant,
+    ) -> MessageState {
+        self.start_delivery_pulled_at(delivery, queue, Some(call))
+    }
+
+    fn start_delivery_pulled_at(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        pull: Option<Instant>,
+    ) -> MessageState {
         let mut state = MessageState::new(Direction::Received, Context::new(), self.agent.clone());
-        if pull {
-            state = state.pulled();
+        if let Some(call) = pull {
+            state = state.pulled(call);
         }
         if !self.is_empty() {
             let mut msg = IncomingMessage {
@@ -309,6 +341,24 @@ impl InterceptorChain {
             self.delivery(&mut msg);
         }
         state
+    }
+
+    /// Runs the empty-pull hooks for a `basic_get` on `queue`, begun at
+    /// `call`, that fetched nothing (`error`: it failed).
+    pub fn empty_pull(&self, queue: &str, call: Instant, error: Option<&lapin::Error>) {
+        if self.is_empty() {
+            return;
+        }
+        let pull = EmptyPull {
+            queue,
+            started: call,
+            ended: Instant::now(),
+            error,
+            agent: self.agent.as_ref(),
+        };
+        for i in self.interceptors.iter() {
+            guarded("on_empty_pull", || i.on_empty_pull(&pull));
+        }
     }
 
     /// Runs the settle hooks.

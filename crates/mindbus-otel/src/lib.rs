@@ -134,8 +134,8 @@ pub use interceptor::{
     on_publish_result, on_settle,
 };
 pub use message::{
-    Direction, Extensions, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
-    PublishResult, Settlement,
+    Direction, EmptyPull, Extensions, HandlerFailure, IncomingMessage, MessageState, Outcome,
+    OutgoingMessage, PublishResult, Settlement,
 };
 pub use propagation::{ContextSource, PropagationStats, TraceContext};
 pub use spans::{MessagingSpans, SpanStats};

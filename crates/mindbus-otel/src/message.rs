@@ -148,7 +148,8 @@ pub struct MessageState {
     started: Instant,
     ended: Option<Instant>,
     agent: Option<Arc<str>>,
-    pull: bool,
+    /// When the `basic_get` call that fetched it began.
+    pull: Option<Instant>,
     pub(crate) builtin: Builtin,
     /// Per-interceptor state.
     pub extensions: Extensions,
@@ -164,20 +165,27 @@ impl MessageState {
             started: Instant::now(),
             ended: None,
             agent,
-            pull: false,
+            pull: None,
             builtin: Builtin::default(),
             extensions: Extensions::default(),
         }
     }
 
-    pub(crate) fn pulled(mut self) -> Self {
-        self.pull = true;
+    /// A message fetched by a `basic_get` call that began at `call`.
+    pub(crate) fn pulled(mut self, call: Instant) -> Self {
+        self.pull = Some(call.min(self.started));
         self
     }
 
     /// True for a message fetched with `basic_get` (a pull), false for a
     /// consumer push or a publish.
     pub fn is_pull(&self) -> bool {
+        self.pull.is_some()
+    }
+
+    /// For a pulled message, when the `basic_get` call that fetched it
+    /// began; it returned at [`started`](Self::started).
+    pub fn pull_started(&self) -> Option<Instant> {
         self.pull
     }
 
@@ -501,4 +509,20 @@ impl<'a> Settlement<'a> {
             applied: true,
         }
     }
+}
+
+/// A `basic_get` that fetched nothing: the queue was empty, or the call
+/// failed.
+#[derive(Debug, Clone, Copy)]
+pub struct EmptyPull<'a> {
+    /// The queue pulled from.
+    pub queue: &'a str,
+    /// When the call began.
+    pub started: Instant,
+    /// When it returned.
+    pub ended: Instant,
+    /// The call's error, if it failed.
+    pub error: Option<&'a lapin::Error>,
+    /// This process's agent identity, as configured on the channel builder.
+    pub agent: Option<&'a Arc<str>>,
 }

@@ -31,6 +31,10 @@ pub const MESSAGING_DESTINATION_TEMPORARY: &str = "messaging.destination.tempora
 /// `messaging.destination.subscription.name`: the queue a consumer reads
 /// (0.1 shapes only: the queue is part of the destination name now).
 pub const MESSAGING_DESTINATION_SUBSCRIPTION_NAME: &str = "messaging.destination.subscription.name";
+/// `messaging.batch.message_count`: on a `receive` span that fetched
+/// nothing, 0 (a pull that fetched a message is a single-message operation,
+/// without it).
+pub const MESSAGING_BATCH_MESSAGE_COUNT: &str = "messaging.batch.message_count";
 /// `messaging.rabbitmq.destination.routing_key`.
 pub const MESSAGING_RABBITMQ_ROUTING_KEY: &str = "messaging.rabbitmq.destination.routing_key";
 /// `messaging.rabbitmq.message.delivery_tag`.

@@ -7,7 +7,8 @@
 //! |---|---|---|---|---|
 //! | `basic_publish` | PRODUCER | `publish {destination}` | publish hook | broker confirm (confirms on), hand-off to lapin (off), or the error |
 //! | push delivery | CONSUMER | `process {destination}` | delivery hook | settlement: ack, nack, reject, auto-ack or drop |
-//! | `basic_get` | CONSUMER | `receive {destination}` | delivery hook | settlement |
+//! | `basic_get` call | CLIENT | `receive {destination}` | the call | its return (also when it fetched nothing, or failed) |
+//! | a message it fetched | CONSUMER | `process {destination}` | the call's return | settlement |
 //!
 //! `messaging.destination.name` is the conventions' RabbitMQ name:
 //! `{exchange}:{routing key}` when sent (`mindbus.main:cmd.writer.any`),
@@ -37,9 +38,15 @@
 //! to it. [`MessagingSpans::link_only`] makes chosen kinds (say EVENT
 //! fan-out) start a new trace with only the link. Whatever span is current
 //! where deliveries are polled is ignored: a push consumer's processing
-//! belongs to the message, not to the consumer loop. A `receive` span
-//! (`basic_get`) follows the semantic conventions for pull: when the caller
-//! has a current span it is the parent, and the producer is linked.
+//! belongs to the message, not to the consumer loop. A pull (`basic_get`)
+//! follows the semantic conventions: its `receive` span covers the call,
+//! is a child of the caller's current span (when there is none, of the
+//! producer, as a push), and links to the producer; a pull that fetched
+//! nothing has one too, with `messaging.batch.message_count` 0 (or the
+//! call's `error.type`). What it fetched is processed in a `process` span,
+//! the receive's child, linked to the producer, until settlement.
+//! ([`MessagingSpans::legacy_shapes`]: one CONSUMER `receive` span from the
+//! pull's return to settlement, none for an empty pull.)
 //!
 //! **Status.** Ack and auto-ack leave the status unset; nack and reject set
 //! error (`error.type` = `nack` / `reject`, requeue recorded); a delivery
@@ -74,7 +81,7 @@ use crate::in_flight::{InFlight, awaited_reply};
 use crate::interceptor::Interceptor;
 use crate::labels::ReadMostly;
 use crate::message::{
-    Direction, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
+    Direction, EmptyPull, HandlerFailure, IncomingMessage, MessageState, Outcome, OutgoingMessage,
     PublishResult, Settlement,
 };
 use crate::semconv::*;
@@ -280,7 +287,10 @@ impl MessagingSpans {
     /// `{exchange}:{routing key}[:{queue}]`, names from the template);
     /// server-named and reply queues in span names as `publish (temporary)`
     /// / `process (temporary)` (the conventions omit the destination:
-    /// `publish`, `process`); `error.type` = the `data.error.code` of a
+    /// `publish`, `process`); a pull (`basic_get`) as one CONSUMER
+    /// `receive` span from its return to settlement, and none for an empty
+    /// pull (the conventions: a CLIENT `receive` over the call, then a
+    /// `process` span); `error.type` = the `data.error.code` of a
     /// MindBus ERROR message sent or received successfully (the
     /// conventions keep `error.type` for a failed operation; the code is
     /// always in `mindbus.error.code`); and the agent as `mindbus.agent`
@@ -867,6 +877,105 @@ impl NameCache {
     }
 }
 
+impl MessagingSpans {
+    /// Starts the span of operation `op` on a delivery, a child of
+    /// `parent`, linked to the producer (the link marked `child_of` when
+    /// the producer is `parent`'s span too).
+    fn delivery_span(
+        &self,
+        msg: &mut IncomingMessage<'_>,
+        op: Op,
+        kind: SpanKind,
+        parent: &Context,
+        (producer, producer_parents): (SpanContext, bool),
+        start: SystemTime,
+    ) -> BoxedSpan {
+        let delivery = msg.delivery();
+        let queue = msg.queue();
+        let exchange = delivery.exchange.as_str();
+        let routing_key = delivery.routing_key.as_str();
+        let legacy = self.inner.legacy;
+        let dest = if legacy {
+            // 0.1: span names by queue; the destination is the exchange
+            // (the queue for the default exchange), the queue the
+            // subscription.
+            let mut dest = self.inner.names.legacy(op, queue);
+            if !exchange.is_empty() {
+                dest.name = self.inner.names.value(exchange);
+            }
+            dest
+        } else {
+            self.inner
+                .names
+                .get(op, Destination::receive(exchange, routing_key, queue))
+        };
+        let temporary = dest.temporary;
+        let props = &delivery.properties;
+        let message_kind = msg.envelope().kind();
+        let extra = delivery_extra(message_kind, legacy) + flag(dest.template.is_some());
+        let agent = msg.state().agent_shared().is_some();
+        let capacity =
+            self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
+        let mut attrs = Vec::with_capacity(capacity);
+        attrs.extend([
+            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
+            KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
+            KeyValue::new(MESSAGING_OPERATION_TYPE, op.as_str()),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
+            KeyValue::new(MINDBUS_MESSAGE_KIND, message_kind.as_str()),
+        ]);
+        if let Some(template) = dest.template {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
+        }
+        self.start_attributes(&mut attrs, msg.state().agent_shared());
+        let mut builder = builder(dest.span_name, kind, attrs, start);
+        if producer.is_valid() {
+            // The conventions' link to the creation context. When the
+            // producer is the parent too, the link says so: backends of the
+            // OpenTracing model (Jaeger) turn a parent that is also linked
+            // into the link's reference type, FOLLOWS_FROM by default, and
+            // leave FOLLOWS_FROM spans off the critical path.
+            let attributes = if producer_parents {
+                vec![KeyValue::new(OPENTRACING_REF_TYPE, CHILD_OF)]
+            } else {
+                Vec::new()
+            };
+            builder = builder.with_links(vec![Link::new(producer, attributes, 0)]);
+        }
+        let mut span = self.start(builder, parent);
+        if span.is_recording() {
+            let push = &mut |kv| span.set_attribute(kv);
+            if legacy {
+                let queue = if temporary {
+                    Value::from(queue.to_owned())
+                } else {
+                    self.inner.names.value(queue)
+                };
+                push(KeyValue::new(
+                    MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
+                    queue,
+                ));
+            }
+            push(KeyValue::new(
+                MESSAGING_RABBITMQ_DELIVERY_TAG,
+                delivery.delivery_tag as i64,
+            ));
+            self.message_attributes(
+                push,
+                temporary,
+                routing_key,
+                props,
+                &delivery.data,
+                &msg.envelope(),
+            );
+            if message_kind == MessageKind::Error {
+                span.set_status(Status::error("ai.team.error"));
+            }
+        }
+        span
+    }
+}
+
 /// The `error.type` of a lapin error.
 pub fn lapin_error_type(error: &lapin::Error) -> String {
     use lapin::ErrorKind as K;
@@ -1038,32 +1147,10 @@ impl Interceptor for MessagingSpans {
     }
 
     fn on_delivery(&self, msg: &mut IncomingMessage<'_>) {
-        let delivery = msg.delivery();
-        let queue = msg.queue();
-        // basic_get is a pull ("receive"); a consumer push is "process".
-        let pull = msg.state().is_pull();
-        let op = if pull { Op::Receive } else { Op::Process };
-        let exchange = delivery.exchange.as_str();
-        let routing_key = delivery.routing_key.as_str();
+        let pull = msg.state().pull_started();
         let legacy = self.inner.legacy;
-        let dest = if legacy {
-            // 0.1: span names by queue; the destination is the exchange
-            // (the queue for the default exchange), the queue the
-            // subscription.
-            let mut dest = self.inner.names.legacy(op, queue);
-            if !exchange.is_empty() {
-                dest.name = self.inner.names.value(exchange);
-            }
-            dest
-        } else {
-            self.inner
-                .names
-                .get(op, Destination::receive(exchange, routing_key, queue))
-        };
-        let temporary = dest.temporary;
-        let props = &delivery.properties;
-        let env = msg.envelope();
-        let kind = env.kind();
+        let props = &msg.delivery().properties;
+        let kind = msg.envelope().kind();
 
         // The producer's context, as extracted by the propagation
         // interceptor (or empty).
@@ -1071,6 +1158,7 @@ impl Interceptor for MessagingSpans {
         let producer: SpanContext = remote.span().span_context().clone();
         // The caller's span matters only for a pull (`basic_get`).
         let ambient = pull
+            .is_some()
             .then(Context::current)
             .filter(|cx| cx.span().span_context().is_valid());
         // Whether the producer is the parent as well as the link.
@@ -1082,69 +1170,41 @@ impl Interceptor for MessagingSpans {
         } else {
             remote
         };
-        let extra = delivery_extra(kind, legacy) + flag(dest.template.is_some());
-        let agent = msg.state().agent_shared().is_some();
-        let capacity =
-            self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
-        let mut attrs = Vec::with_capacity(capacity);
-        attrs.extend([
-            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
-            KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
-            KeyValue::new(MESSAGING_OPERATION_TYPE, op.as_str()),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
-            KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
-        ]);
-        if let Some(template) = dest.template {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
-        }
-        self.start_attributes(&mut attrs, msg.state().agent_shared());
+        let start = clock::system_time(msg.state().started());
+        let (parent, op, producer_parents) = match pull {
+            // The conventions' pull: a CLIENT `receive` span over the
+            // `basic_get` call, and the processing in a CONSUMER `process`
+            // span, its child, linked to the producer too.
+            Some(call) if !legacy => {
+                let began = clock::system_time(call);
+                let mut receive = self.delivery_span(
+                    msg,
+                    Op::Receive,
+                    SpanKind::Client,
+                    &parent,
+                    (producer.clone(), producer_parents),
+                    began,
+                );
+                receive.end_with_timestamp(
+                    began + msg.state().started().saturating_duration_since(call),
+                );
+                self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
+                (parent.with_span(receive), Op::Process, false)
+            }
+            // 0.1: one CONSUMER `receive` span from the pull to settlement.
+            Some(_) => (parent, Op::Receive, producer_parents),
+            None => (parent, Op::Process, producer_parents),
+        };
         let error_code = (legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
-        let start = clock::system_time(msg.state().started());
-        let mut builder = builder(dest.span_name, SpanKind::Consumer, attrs, start);
-        if producer.is_valid() {
-            // The conventions' link to the creation context. When the
-            // producer is the parent too, the link says so: backends of the
-            // OpenTracing model (Jaeger) turn a parent that is also linked
-            // into the link's reference type, FOLLOWS_FROM by default, and
-            // leave FOLLOWS_FROM spans off the critical path.
-            let attributes = if producer_parents {
-                vec![KeyValue::new(OPENTRACING_REF_TYPE, CHILD_OF)]
-            } else {
-                Vec::new()
-            };
-            builder = builder.with_links(vec![Link::new(producer, attributes, 0)]);
-        }
-        let mut span = self.start(builder, &parent);
-        if span.is_recording() {
-            let push = &mut |kv| span.set_attribute(kv);
-            if legacy {
-                let queue = if temporary {
-                    Value::from(queue.to_owned())
-                } else {
-                    self.inner.names.value(queue)
-                };
-                push(KeyValue::new(
-                    MESSAGING_DESTINATION_SUBSCRIPTION_NAME,
-                    queue,
-                ));
-            }
-            push(KeyValue::new(
-                MESSAGING_RABBITMQ_DELIVERY_TAG,
-                delivery.delivery_tag as i64,
-            ));
-            self.message_attributes(
-                push,
-                temporary,
-                delivery.routing_key.as_str(),
-                &delivery.properties,
-                &delivery.data,
-                &msg.envelope(),
-            );
-            if kind == MessageKind::Error {
-                span.set_status(Status::error("ai.team.error"));
-            }
-        }
+        let span = self.delivery_span(
+            msg,
+            op,
+            SpanKind::Consumer,
+            &parent,
+            (producer, producer_parents),
+            start,
+        );
         let cx = parent.with_span(span);
         // Track COMMANDs awaiting a reply, for stream-style RPC parenting.
         let in_flight = awaited_reply(kind, props, msg.envelope().id())
@@ -1156,6 +1216,44 @@ impl Interceptor for MessagingSpans {
             in_flight,
             error_code,
         });
+    }
+
+    fn on_empty_pull(&self, pull: &EmptyPull<'_>) {
+        // 0.1 had no span for a pull that fetched nothing.
+        if self.inner.legacy {
+            return;
+        }
+        let dest = self
+            .inner
+            .names
+            .get(Op::Receive, Destination::receive("", "", pull.queue));
+        let mut attrs = Vec::with_capacity(12);
+        attrs.extend([
+            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
+            KeyValue::new(MESSAGING_OPERATION_NAME, Op::Receive.as_str()),
+            KeyValue::new(MESSAGING_OPERATION_TYPE, Op::Receive.as_str()),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
+        ]);
+        if let Some(template) = dest.template {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
+        }
+        self.start_attributes(&mut attrs, pull.agent);
+        if dest.temporary {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+        }
+        if pull.error.is_none() {
+            attrs.push(KeyValue::new(MESSAGING_BATCH_MESSAGE_COUNT, 0_i64));
+        }
+        let start = clock::system_time(pull.started);
+        let builder = builder(dest.span_name, SpanKind::Client, attrs, start);
+        let mut span = self.start(builder, &Context::current());
+        if let Some(e) = pull.error {
+            span.set_attribute(KeyValue::new(ERROR_TYPE, lapin_error_type(e)));
+            span.set_status(Status::error(e.to_string()));
+        }
+        span.end_with_timestamp(start + pull.ended.saturating_duration_since(pull.started));
+        self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
     }
 
     fn on_settle(&self, state: &mut MessageState, settlement: &Settlement<'_>) {

@@ -79,6 +79,22 @@ fn export() -> Exported {
             let mut state = chain.start_delivery(&d, queue, false);
             chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
         }
+        // A pull of the COMMAND (a `basic_get` begun 2 ms before it
+        // returned), and one of the then empty queue.
+        let f = fixtures::fixture("command");
+        let mut d = Delivery::mock(
+            2,
+            "mindbus.main".into(),
+            "cmd.writer.any".into(),
+            false,
+            f.body.clone(),
+        );
+        d.properties = f.properties.clone();
+        let call = std::time::Instant::now() - std::time::Duration::from_millis(2);
+        let mut state = chain.start_pulled_delivery(&d, "agent.writer", call);
+        chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
+        chain.empty_pull("agent.writer", std::time::Instant::now(), None);
+
         let mut call = LlmCall::start("chat", "openai", "gpt-4", &provider);
         call.usage(10, 20);
         call.end();
@@ -319,17 +335,73 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
         },
     ),
     (
+        "messaging/rabbitmq.md",
+        "Receive span; messaging-spans.md: Consumer spans",
+        "a pull is a CLIENT `receive` over the call (an empty one too, batch count 0), its processing a CONSUMER `process` child (their links to the producer: tests/spans.rs, with a broker)",
+        |e| {
+            let receive = span(e, &format!("receive {PROCESS_TEMPLATE}"));
+            let empty = span(e, "receive agent.writer");
+            let processed: Vec<&SpanData> = e
+                .spans
+                .iter()
+                .filter(|s| s.name == PROCESS && s.parent_span_id == receive.span_context.span_id())
+                .collect();
+            check(
+                receive.span_kind == SpanKind::Client
+                    && empty.span_kind == SpanKind::Client
+                    && attr(empty, "messaging.batch.message_count") == Some(&Value::I64(0))
+                    && attr(receive, "messaging.batch.message_count").is_none()
+                    && receive.end_time
+                        <= processed.first().map_or(receive.end_time, |p| p.start_time)
+                    && processed.len() == 1
+                    && processed[0].span_kind == SpanKind::Consumer,
+                format!("{receive:?}\n{empty:?}\n{processed:?}"),
+            )
+        },
+    ),
+    (
+        "messaging/messaging-metrics.md",
+        "messaging.client.operation.duration: send and receive; messaging.process.duration: process",
+        "publish and receive (the pull call, also when empty) in the operation duration, process only in the process duration",
+        |e| {
+            let ops = label_values(
+                &e.metrics
+                    .lines()
+                    .filter(|l| l.starts_with("messaging_client_operation_duration_seconds"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                "messaging_operation_name",
+            );
+            let processed = label_values(
+                &e.metrics
+                    .lines()
+                    .filter(|l| l.starts_with("messaging_process_duration_seconds"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                "messaging_operation_name",
+            );
+            check(
+                ops.iter().any(|o| o == "publish")
+                    && ops.iter().any(|o| o == "receive")
+                    && processed.iter().all(|o| o == "process")
+                    && !processed.is_empty(),
+                format!("{ops:?} {processed:?}"),
+            )
+        },
+    ),
+    (
         "messaging/messaging-metrics.md",
         "messaging.destination.name [4] and messaging.destination.template",
-        "the template on every metric with a destination; the name only where it is low-cardinality (here: never); never a whole routing key or a generated queue",
+        "the template on every metric with a destination; the name only where it is low-cardinality (the empty pull's queue); never a whole routing key or a generated queue",
         |e| {
             let mut templates = label_values(&e.metrics, "messaging_destination_template");
             templates.sort();
             templates.dedup();
-            let names = label_values(&e.metrics, "messaging_destination_name");
+            let mut names = label_values(&e.metrics, "messaging_destination_name");
+            names.dedup();
             check(
-                templates == [SEND_TEMPLATE, PROCESS_TEMPLATE]
-                    && names.is_empty()
+                templates == ["agent.writer", SEND_TEMPLATE, PROCESS_TEMPLATE]
+                    && names == ["agent.writer"]
                     && !e.metrics.contains("amq.gen")
                     && !e.metrics.contains("cmd.writer.any"),
                 format!("{templates:?} {names:?}"),
