@@ -362,6 +362,7 @@ async fn metrics_from_real_traffic() {
         [
             ("messaging_system", "rabbitmq"),
             ("messaging_operation_name", "publish"),
+            ("messaging_operation_type", "send"),
             ("messaging_destination_template", template),
         ]
     };
@@ -382,6 +383,7 @@ async fn metrics_from_real_traffic() {
     let replies = [
         ("messaging_system", "rabbitmq"),
         ("messaging_operation_name", "publish"),
+        ("messaging_operation_type", "send"),
         ("messaging_destination_template", replies_q.as_str()),
         ("messaging_destination_name", replies_q.as_str()),
     ];
@@ -390,6 +392,7 @@ async fn metrics_from_real_traffic() {
     let consumed = [
         ("messaging_system", "rabbitmq"),
         ("messaging_operation_name", "process"),
+        ("messaging_operation_type", "process"),
         ("messaging_destination_template", from_writers.as_str()),
     ];
     assert_eq!(
@@ -406,6 +409,23 @@ async fn metrics_from_real_traffic() {
         s.get("messaging_process_duration_seconds_count", &failed),
         1.0
     );
+    // The writer's settle calls: two acks, one nack (the handler error).
+    for (operation, n) in [("ack", 2.0), ("nack", 1.0)] {
+        let settled = [
+            ("messaging_system", "rabbitmq"),
+            ("messaging_operation_name", operation),
+            ("messaging_operation_type", "settle"),
+            ("messaging_destination_template", from_writers.as_str()),
+        ];
+        assert_eq!(
+            s.get(
+                "messaging_client_operation_duration_seconds_count",
+                &settled
+            ),
+            n,
+            "{operation}"
+        );
+    }
     assert_eq!(s.sum("mindbus_otel_rejected_contexts_total", &[]), 0.0);
 
     // Folding: a channel whose metrics admit 2 peers sees 4 senders.

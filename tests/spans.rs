@@ -574,6 +574,118 @@ async fn error_reply_over_http_protobuf() {
     }
 }
 
+/// `settle_spans(true)`: each ack, nack or reject call is a CLIENT settle
+/// span (messaging-spans.md, operation type `settle`; rabbitmq.md, Settle
+/// span), a child of its delivery's `process` span and within it; a
+/// dropped delivery, settled later by tag on the channel, has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_spans_when_asked() {
+    let rx = OtlpReceiver::start().await.unwrap();
+    let p = provider("consumer", &rx, Proto::Grpc);
+    let spans_i = MessagingSpans::default()
+        .with_tracer_provider(&p)
+        .settle_spans(true);
+    let conn = connect().await;
+    let raw = conn.create_channel().await.unwrap();
+    let q = declare_queue(&raw, &unique("spans.settles"), FieldTable::default()).await;
+    let q_handler = declare_queue(&raw, &unique("spans.settles.h"), FieldTable::default()).await;
+    let ch = traced(conn.create_channel().await.unwrap(), "agent.test", &spans_i);
+    for (queue, body) in [
+        (&q, "ack"),
+        (&q, "nack"),
+        (&q, "reject"),
+        (&q, "drop"),
+        (&q_handler, "ok"),
+    ] {
+        raw.basic_publish(
+            "".into(),
+            queue.clone(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let mut consumer = consume_stream(&ch, q.as_str()).await;
+    let mut next = async || consumer.next().await.unwrap().unwrap();
+    next().await.ack(BasicAckOptions::default()).await.unwrap();
+    let nack = BasicNackOptions {
+        requeue: false,
+        ..Default::default()
+    };
+    next().await.nack(nack).await.unwrap();
+    let reject = BasicRejectOptions { requeue: false };
+    next().await.reject(reject).await.unwrap();
+    let dropped = next().await;
+    let tag = dropped.delivery_tag;
+    drop(dropped);
+    ch.basic_ack(tag, BasicAckOptions::default()).await.unwrap();
+    let handle = ch
+        .consume_with(
+            q_handler.clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+            |_| async { Ok::<(), &str>(()) },
+        )
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || handle.stats().acked() == 1).await);
+    handle.cancel().await.unwrap();
+
+    flush(&[&p]).await;
+    let spans = rx.wait_for_spans(9, Duration::from_secs(10)).await;
+    assert_eq!(
+        spans.len(),
+        9,
+        "5 process + 4 settle\n{}",
+        spans.render_all()
+    );
+    for (operation, queue, settlement) in [
+        ("ack", &q, "acked"),
+        ("nack", &q, "nacked"),
+        ("reject", &q, "rejected"),
+        ("ack", &q_handler, "acked"),
+    ] {
+        let process = spans.one_where(
+            |s| {
+                s.name == format!("process {queue}")
+                    && s.attr_str("mindbus.settlement") == Some(settlement)
+            },
+            settlement,
+        );
+        let settle = spans.one_where(|s| s.name == format!("{operation} {queue}"), operation);
+        assert_eq!(settle.kind, SpanKind::Client);
+        assert_eq!(settle.attr_str("messaging.operation.type"), Some("settle"));
+        assert_eq!(settle.attr_str("messaging.operation.name"), Some(operation));
+        assert_eq!(
+            settle.attr_str("messaging.destination.name"),
+            Some(queue.as_str())
+        );
+        assert!(spans.is_parent_of(process, settle), "{operation} {queue}");
+        assert!(
+            process.start_unix_nanos <= settle.start_unix_nanos
+                && settle.end_unix_nanos <= process.end_unix_nanos,
+            "{operation} {queue}: the call is within the processing"
+        );
+    }
+    // Dropped before the channel-level ack: it ended unsettled then.
+    let unsettled = spans.one_where(
+        |s| s.attr_str("mindbus.settlement") == Some("unsettled"),
+        "the dropped delivery",
+    );
+    assert!(spans.children_of(unsettled).is_empty());
+
+    for queue in [&q, &q_handler] {
+        delete_queue(&raw, queue.as_str()).await;
+    }
+    close(&conn).await;
+    shutdown(vec![p]).await;
+}
+
 /// Settlement statuses, each span counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_statuses_and_no_span_left_open() {

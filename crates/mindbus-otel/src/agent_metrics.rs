@@ -5,9 +5,9 @@
 //!
 //! | name | type | unit | labels | meaning |
 //! |---|---|---|---|---|
-//! | `messaging_client_sent_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name`, `messaging_destination_template`, `messaging_destination_name`*, `error_type`* | publishes, counted when they end |
+//! | `messaging_client_sent_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name`, `messaging_operation_type` (`send`, `receive`, `process`, `settle`), `messaging_destination_template`, `messaging_destination_name`*, `error_type`* | publishes, counted when they end |
 //! | `messaging_client_consumed_messages_total` | counter | messages | `messaging_system`, `messaging_operation_name` (`process`/`receive`), `messaging_destination_template`, `messaging_destination_name`* | deliveries received |
-//! | `messaging_client_operation_duration_seconds` | histogram | s | as sent, `messaging_operation_name` `publish` or `receive` | `publish`: the call to hand-off (confirms off) or broker confirm (on); `receive`: a `basic_get` call, also when it fetched nothing or failed |
+//! | `messaging_client_operation_duration_seconds` | histogram | s | as sent, `messaging_operation_name` `publish`, `receive`, `ack`, `nack` or `reject` | `publish`: the call to hand-off (confirms off) or broker confirm (on); `receive`: a `basic_get` call, also when it fetched nothing or failed; `ack`/`nack`/`reject`: each settle call this process makes (with `error_type` when it failed or was not sent) |
 //! | `messaging_process_duration_seconds` | histogram | s | as consumed, `messaging_operation_name` `process`, `error_type`* | delivery (or the pull's return) to settlement |
 //! | `mindbus_messages_total` | counter | messages | `agent`, `peer`, `kind`, `direction`, `outcome` | every message this process's agent sent or received, by the other side, kind, direction and outcome |
 //! | `mindbus_processing_duration_seconds` | histogram | s | `agent`, `kind` | delivery to settlement, by this process's agent and the message kind |
@@ -126,6 +126,8 @@ struct Inner {
     processed: HandleCache<(DestLabels, Option<LabelId>), Histogram>,
     /// `receive` (`basic_get`) durations.
     pulls: HandleCache<(DestLabels, Option<LabelId>), Histogram>,
+    /// Settle (`ack`, `nack`, `reject`) call durations.
+    settles: HandleCache<(DestLabels, &'static str, Option<LabelId>), Histogram>,
     messages: HandleCache<(LabelId, LabelId, MessageKind, Direction, &'static str), Counter>,
     processing: HandleCache<(LabelId, MessageKind), Histogram>,
     in_flight: HandleCache<LabelId, Gauge>,
@@ -231,6 +233,7 @@ impl AgentMetrics {
                 consumed: HandleCache::default(),
                 processed: HandleCache::default(),
                 pulls: HandleCache::default(),
+                settles: HandleCache::default(),
                 messages: HandleCache::default(),
                 processing: HandleCache::default(),
                 in_flight: HandleCache::default(),
@@ -263,9 +266,15 @@ impl AgentMetrics {
     /// The labels every `messaging_*` metric of an operation on
     /// `destination` carries.
     fn messaging_labels(&self, operation: &'static str, destination: DestLabels) -> Vec<Label> {
+        let operation_type = match operation {
+            "publish" => "send",
+            "ack" | "nack" | "reject" => "settle",
+            other => other,
+        };
         let mut labels = vec![
             Label::new("messaging_system", "rabbitmq"),
             Label::new("messaging_operation_name", operation),
+            Label::new("messaging_operation_type", operation_type),
         ];
         if let Some(template) = destination.template {
             let value = self.inner.destinations.value(template);
@@ -570,6 +579,26 @@ impl Interceptor for AgentMetrics {
             },
             |h| h.record(elapsed),
         );
+        if let (Some(operation), Some(call)) = (settlement.operation(), settlement.call_started) {
+            // The settle call: from its start to the settle hooks.
+            let error = match settlement.error {
+                Some(e) => Some(i.errors.id(&lapin_error_type(e))),
+                None if not_applied => Some(i.errors.id("not_applied")),
+                None => None,
+            };
+            let make = || {
+                let mut labels = self.messaging_labels(operation, meta.destination);
+                if let Some(e) = error {
+                    labels.push(Label::new("error_type", i.errors.value(e)));
+                }
+                metrics::histogram!(OPERATION_DURATION, labels)
+            };
+            let took = state.ended().saturating_duration_since(call).as_secs_f64();
+            i.settles
+                .with((meta.destination, operation, error), make, |h| {
+                    h.record(took)
+                });
+        }
         let outcome = if not_applied || settlement.error.is_some() {
             Outcome::Unsettled.as_str()
         } else {
@@ -861,5 +890,76 @@ mod tests {
         assert_eq!(count(processed, &[receive], &[]), 0.0, "{text}");
         let consumed = "messaging_client_consumed_messages_total";
         assert_eq!(count(consumed, &[receive, jobs], &[]), 1.0, "{text}");
+    }
+
+    /// Each ack, nack or reject call this process makes is a settle
+    /// operation in `messaging_client_operation_duration_seconds`
+    /// (messaging-metrics.md: "send, receive, settle"); drops and
+    /// settlements made elsewhere are not calls.
+    #[test]
+    fn settle_calls_have_their_operation_duration() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let chain = InterceptorChain::new(vec![Arc::new(AgentMetrics::new())], None);
+            let closed: lapin::Error = lapin::ErrorKind::FutureCompleted.into();
+            let settlements = [
+                (Outcome::Acked, None, true),
+                (Outcome::Nacked { requeue: false }, None, true),
+                (Outcome::Rejected { requeue: true }, Some(&closed), true),
+                (Outcome::Acked, None, false),
+            ];
+            for (tag, (outcome, error, applied)) in (1..).zip(settlements) {
+                let d = Delivery::mock(
+                    tag,
+                    "".into(),
+                    "jobs".into(),
+                    false,
+                    event("command", "o").into_bytes(),
+                );
+                let mut state = chain.start_delivery(&d, "jobs", false);
+                let mut settlement = Settlement::new(outcome);
+                settlement.error = error;
+                settlement.applied = applied;
+                settlement.call_started = Some(std::time::Instant::now());
+                chain.end_delivery(&mut state, &settlement);
+            }
+            // Dropped: no call.
+            let d = Delivery::mock(9, "".into(), "jobs".into(), false, Vec::new());
+            let mut state = chain.start_delivery(&d, "jobs", false);
+            chain.end_delivery(&mut state, &Settlement::new(Outcome::Unsettled));
+        });
+        let text = handle.render();
+        let series = |operation: &str| -> Vec<String> {
+            let op = format!("messaging_operation_name=\"{operation}\"");
+            text.lines()
+                .filter(|l| l.starts_with("messaging_client_operation_duration_seconds_count"))
+                .filter(|l| l.contains(&op))
+                .map(str::to_owned)
+                .collect()
+        };
+        let (ack, nack, reject) = (series("ack"), series("nack"), series("reject"));
+        assert_eq!((ack.len(), nack.len(), reject.len()), (2, 1, 1), "{text}");
+        for line in ack.iter().chain(&nack).chain(&reject) {
+            assert!(
+                line.contains("messaging_operation_type=\"settle\""),
+                "{line}"
+            );
+        }
+        assert!(
+            ack.iter()
+                .any(|l| l.contains("error_type=\"not_applied\"") && l.ends_with(" 1"))
+        );
+        assert!(
+            ack.iter()
+                .any(|l| !l.contains("error_type") && l.ends_with(" 1"))
+        );
+        assert!(!nack[0].contains("error_type"), "{}", nack[0]);
+        assert!(
+            reject[0].contains("error_type=\"lapin_error\""),
+            "{}",
+            reject[0]
+        );
+        assert!(series("unsettled").is_empty());
     }
 }

@@ -13,6 +13,7 @@ use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
+use std::time::Instant;
 
 fn empty_context() -> &'static Context {
     static EMPTY: OnceLock<Context> = OnceLock::new();
@@ -66,7 +67,7 @@ impl TracedDelivery {
         chain: Arc<InterceptorChain>,
         queue: &str,
         no_ack: bool,
-        call: std::time::Instant,
+        call: Instant,
     ) -> Self {
         let state = chain.start_pulled_delivery(&delivery, queue, call);
         TracedDelivery {
@@ -102,8 +103,9 @@ impl TracedDelivery {
     /// `multiple: true`, every earlier unsettled delivery of the channel
     /// ends as acked too.
     pub async fn ack(mut self, options: BasicAckOptions) -> lapin::Result<bool> {
+        let call = Instant::now();
         let res = self.delivery.acker.ack(options).await;
-        self.finish(Outcome::Acked, &res, options.multiple);
+        self.finish(Outcome::Acked, &res, options.multiple, call);
         res
     }
 
@@ -111,16 +113,18 @@ impl TracedDelivery {
     /// With `multiple: true`, every earlier unsettled delivery of the
     /// channel ends as nacked too.
     pub async fn nack(mut self, options: BasicNackOptions) -> lapin::Result<bool> {
+        let call = Instant::now();
         let res = self.delivery.acker.nack(options).await;
         let outcome = Outcome::Nacked {
             requeue: options.requeue,
         };
-        self.finish(outcome, &res, options.multiple);
+        self.finish(outcome, &res, options.multiple, call);
         res
     }
 
     /// Rejects it, as [`Acker::reject`](lapin::Acker::reject).
     pub async fn reject(mut self, options: BasicRejectOptions) -> lapin::Result<bool> {
+        let call = Instant::now();
         let res = self.delivery.acker.reject(options).await;
         self.finish(
             Outcome::Rejected {
@@ -128,11 +132,18 @@ impl TracedDelivery {
             },
             &res,
             false,
+            call,
         );
         res
     }
 
-    fn finish(&mut self, outcome: Outcome, res: &lapin::Result<bool>, multiple: bool) {
+    fn finish(
+        &mut self,
+        outcome: Outcome,
+        res: &lapin::Result<bool>,
+        multiple: bool,
+        call: Instant,
+    ) {
         let Some(mut state) = self.state.take() else {
             return;
         };
@@ -140,7 +151,7 @@ impl TracedDelivery {
         if multiple && matches!(res, Ok(true)) {
             // Every earlier delivery of the channel still unsettled.
             let settles = &self.chain.settles;
-            settles.record(0, tag.saturating_sub(1), outcome, std::time::Instant::now());
+            settles.record(0, tag.saturating_sub(1), outcome, Instant::now());
         }
         // Settled already, by a multiple or by-tag settlement: that one
         // counts (this call, if lapin sent it, is the caller's to answer).
@@ -154,6 +165,7 @@ impl TracedDelivery {
             failure: None,
             error: res.as_ref().err(),
             applied: matches!(res, Ok(true)),
+            call_started: Some(call),
         };
         self.chain.settle(&mut state, &settlement);
     }

@@ -388,6 +388,7 @@ async fn run_handler<F, Fut, E>(
             }
             continue;
         }
+        let call = std::time::Instant::now();
         let (outcome, res, counter) = if no_ack {
             (Outcome::AutoAck, Ok(true), None)
         } else if failure.is_none() {
@@ -421,6 +422,7 @@ async fn run_handler<F, Fut, E>(
             failure,
             error: res.as_ref().err(),
             applied: matches!(res, Ok(true)),
+            call_started: (!no_ack).then_some(call),
         };
         if let Some(mut state) = state.state.take() {
             chain.settle(&mut state, &settlement);

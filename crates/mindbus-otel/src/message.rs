@@ -497,6 +497,11 @@ pub struct Settlement<'a> {
     /// False when lapin did not send the settlement because the delivery
     /// was already settled elsewhere or its channel had closed.
     pub applied: bool,
+    /// When this process's ack, nack or reject call for the message began
+    /// (it returned when the settle hooks began); `None` for a drop, an
+    /// auto-ack, or a settlement made by an earlier call (`multiple`, by
+    /// tag) or elsewhere.
+    pub call_started: Option<Instant>,
 }
 
 impl<'a> Settlement<'a> {
@@ -507,6 +512,19 @@ impl<'a> Settlement<'a> {
             failure: None,
             error: None,
             applied: true,
+            call_started: None,
+        }
+    }
+
+    /// The conventions' `messaging.operation.name` of the settle call, if
+    /// this process made one: `ack`, `nack` or `reject`.
+    pub fn operation(&self) -> Option<&'static str> {
+        self.call_started?;
+        match self.outcome {
+            Outcome::Acked => Some("ack"),
+            Outcome::Nacked { .. } => Some("nack"),
+            Outcome::Rejected { .. } => Some("reject"),
+            _ => None,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! | push delivery | CONSUMER | `process {destination}` | delivery hook | settlement: ack, nack, reject, auto-ack or drop |
 //! | `basic_get` call | CLIENT | `receive {destination}` | the call | its return (also when it fetched nothing, or failed) |
 //! | a message it fetched | CONSUMER | `process {destination}` | the call's return | settlement |
+//! | ack, nack or reject call ([`MessagingSpans::settle_spans`]) | CLIENT | `ack {destination}`, ... | the call | its return |
 //!
 //! `messaging.destination.name` is the conventions' RabbitMQ name:
 //! `{exchange}:{routing key}` when sent (`mindbus.main:cmd.writer.any`),
@@ -98,7 +99,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 fn scope() -> InstrumentationScope {
     InstrumentationScope::builder("mindbus-otel")
@@ -156,6 +157,16 @@ pub(crate) struct SpanState {
     /// ERROR message: its `error.type` unless the operation itself fails (a
     /// span gets one `error.type`, at its end).
     error_code: Option<String>,
+    /// With [`MessagingSpans::settle_spans`], what a settle span needs.
+    settle: Option<Box<SettleTarget>>,
+}
+
+/// The destination and delivery tag of a delivery, for its settle span.
+struct SettleTarget {
+    name: Value,
+    template: Option<Value>,
+    temporary: bool,
+    tag: u64,
 }
 
 /// The spans interceptor: see the [module docs](self).
@@ -172,6 +183,8 @@ struct Inner {
     server: Option<(Arc<str>, u16)>,
     /// The 0.1 shapes ([`MessagingSpans::legacy_shapes`]).
     legacy: bool,
+    /// [`MessagingSpans::settle_spans`].
+    settle_spans: bool,
     /// The CONSUMER span context of each COMMAND being handled.
     in_flight: InFlight<Context>,
     /// The process-wide cache ([`interned_names`]).
@@ -210,6 +223,7 @@ impl MessagingSpans {
                 body_size: false,
                 server: None,
                 legacy: false,
+                settle_spans: false,
                 in_flight: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
                 names: name_cache(),
                 stats: Arc::default(),
@@ -231,6 +245,7 @@ impl MessagingSpans {
                     inner.body_size = self.inner.body_size;
                     inner.server = self.inner.server.clone();
                     inner.legacy = self.inner.legacy;
+                    inner.settle_spans = self.inner.settle_spans;
                     inner.in_flight.max = self.inner.in_flight.max;
                     f(inner);
                 }
@@ -297,6 +312,19 @@ impl MessagingSpans {
     /// (now `messaging.client.id`). Off by default; will be removed in 0.3.
     pub fn legacy_shapes(self, enabled: bool) -> Self {
         self.edit(|i| i.legacy = enabled)
+    }
+
+    /// A CLIENT `settle` span for each ack, nack or reject call this
+    /// process makes for a delivery (`ack {destination}`, ...;
+    /// `messaging.operation.type` `settle`), a child of the delivery's
+    /// `process` span, as the conventions describe settlement. Off by
+    /// default: the outcome is on the `process` span (`mindbus.settlement`),
+    /// and the calls' durations are in
+    /// `messaging_client_operation_duration_seconds` either way. Settlements
+    /// made by a `multiple` ack of a later delivery or by tag on the
+    /// channel get none of their own.
+    pub fn settle_spans(self, enabled: bool) -> Self {
+        self.edit(|i| i.settle_spans = enabled)
     }
 
     /// Bound of the in-flight COMMAND table used for RPC parenting in the
@@ -878,6 +906,64 @@ impl NameCache {
 }
 
 impl MessagingSpans {
+    /// The CLIENT span of a settle call begun at `call` (see
+    /// [`MessagingSpans::settle_spans`]), a child of `parent`.
+    fn settle_span(
+        &self,
+        parent: &Context,
+        target: &SettleTarget,
+        operation: &'static str,
+        settlement: &Settlement<'_>,
+        state: &MessageState,
+        call: Instant,
+    ) {
+        let names = &self.inner.names;
+        let span_name: Cow<'static, str> = match &target.template {
+            Some(template) => with_scratch(|name| {
+                name.push_str(operation);
+                name.push(' ');
+                name.push_str(&template.as_str());
+                names
+                    .interned(name)
+                    .map_or_else(|| Cow::Owned(name.clone()), Cow::Borrowed)
+            }),
+            None => Cow::Borrowed(operation),
+        };
+        let mut attrs = Vec::with_capacity(12);
+        attrs.extend([
+            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
+            KeyValue::new(MESSAGING_OPERATION_NAME, operation),
+            KeyValue::new(MESSAGING_OPERATION_TYPE, "settle"),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, target.name.clone()),
+        ]);
+        if let Some(template) = &target.template {
+            attrs.push(KeyValue::new(
+                MESSAGING_DESTINATION_TEMPLATE,
+                template.clone(),
+            ));
+        }
+        self.start_attributes(&mut attrs, state.agent_shared());
+        if target.temporary {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
+        }
+        attrs.push(KeyValue::new(
+            MESSAGING_RABBITMQ_DELIVERY_TAG,
+            target.tag as i64,
+        ));
+        let start = clock::system_time(call);
+        let mut span = self.start(builder(span_name, SpanKind::Client, attrs, start), parent);
+        if let Some(e) = settlement.error {
+            span.set_attribute(KeyValue::new(ERROR_TYPE, lapin_error_type(e)));
+            span.set_status(Status::error(e.to_string()));
+        } else if !settlement.applied {
+            span.set_attribute(KeyValue::new(ERROR_TYPE, "not_applied"));
+            span.set_status(Status::error("settlement not sent: the channel was closed"));
+        }
+        span.end_with_timestamp(start + state.ended().saturating_duration_since(call));
+        self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Starts the span of operation `op` on a delivery, a child of
     /// `parent`, linked to the producer (the link marked `child_of` when
     /// the producer is `parent`'s span too).
@@ -1094,6 +1180,7 @@ impl Interceptor for MessagingSpans {
             start,
             in_flight: None,
             error_code,
+            settle: None,
         });
     }
 
@@ -1209,12 +1296,30 @@ impl Interceptor for MessagingSpans {
         // Track COMMANDs awaiting a reply, for stream-style RPC parenting.
         let in_flight = awaited_reply(kind, props, msg.envelope().id())
             .and_then(|(reply_to, corr)| self.track_command(reply_to, corr, &cx));
+        let settle = self.inner.settle_spans.then(|| {
+            let delivery = msg.delivery();
+            let dest = self.inner.names.get(
+                Op::Process,
+                Destination::receive(
+                    delivery.exchange.as_str(),
+                    delivery.routing_key.as_str(),
+                    msg.queue(),
+                ),
+            );
+            Box::new(SettleTarget {
+                name: dest.name,
+                template: dest.template,
+                temporary: dest.temporary,
+                tag: delivery.delivery_tag,
+            })
+        });
         msg.state_mut().set_context(cx.clone());
         msg.state_mut().builtin.spans = Some(SpanState {
             cx,
             start,
             in_flight,
             error_code,
+            settle,
         });
     }
 
@@ -1265,12 +1370,18 @@ impl Interceptor for MessagingSpans {
             start,
             in_flight,
             error_code,
+            settle,
         }) = state.builtin.spans.take()
         else {
             return;
         };
         if let Some(key) = in_flight {
             self.untrack(key);
+        }
+        if let (Some(target), Some(operation), Some(call)) =
+            (settle, settlement.operation(), settlement.call_started)
+        {
+            self.settle_span(&cx, &target, operation, settlement, state, call);
         }
         let span = cx.span();
         span.set_attribute(KeyValue::new(

@@ -95,6 +95,19 @@ fn export() -> Exported {
         chain.end_delivery(&mut state, &Settlement::new(Outcome::Acked));
         chain.empty_pull("agent.writer", std::time::Instant::now(), None);
 
+        // With settle spans: the COMMAND delivered from another queue and
+        // acked by a call of this process.
+        let settling = MessagingSpans::default()
+            .with_tracer_provider(&provider)
+            .server("rabbit.internal", 5672)
+            .settle_spans(true);
+        let agent: Option<Arc<str>> = Some(Arc::from("agent.writer.001"));
+        let chain = InterceptorChain::new(vec![Arc::new(settling)], agent);
+        let mut state = chain.start_delivery(&d, "agent.settle", false);
+        let mut acked = Settlement::new(Outcome::Acked);
+        acked.call_started = Some(std::time::Instant::now());
+        chain.end_delivery(&mut state, &acked);
+
         let mut call = LlmCall::start("chat", "openai", "gpt-4", &provider);
         call.usage(10, 20);
         call.end();
@@ -356,6 +369,24 @@ const TABLE: &[(&str, &str, &str, Check)] = &[
                     && processed.len() == 1
                     && processed[0].span_kind == SpanKind::Consumer,
                 format!("{receive:?}\n{empty:?}\n{processed:?}"),
+            )
+        },
+    ),
+    (
+        "messaging/rabbitmq.md",
+        "Settle span (opt-in: MessagingSpans::settle_spans, README table)",
+        "an ack call is a CLIENT `ack {destination}` span, operation type settle, a child of the process span",
+        |e| {
+            let settle = span(e, "ack mindbus.main:cmd.writer.*:agent.settle");
+            let process = span(e, "process mindbus.main:cmd.writer.*:agent.settle");
+            check(
+                settle.span_kind == SpanKind::Client
+                    && str_attr(settle, "messaging.operation.type").as_deref() == Some("settle")
+                    && str_attr(settle, "messaging.operation.name").as_deref() == Some("ack")
+                    && str_attr(settle, "messaging.destination.name").as_deref()
+                        == Some("mindbus.main:cmd.writer.any:agent.settle")
+                    && settle.parent_span_id == process.span_context.span_id(),
+                format!("{settle:?}"),
             )
         },
     ),
