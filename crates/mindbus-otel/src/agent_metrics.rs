@@ -332,12 +332,9 @@ impl AgentMetrics {
                     named: false,
                 };
             }
-            let end = buf.len();
-            destination.write_name(buf);
-            let (template, name) = buf.split_at(end);
             DestLabels {
-                template: Some(guard.id(template)),
-                named: name == template,
+                template: Some(guard.id(buf)),
+                named: destination.template_is_name(),
             }
         })
     }

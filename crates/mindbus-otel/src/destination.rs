@@ -110,7 +110,8 @@ impl<'a> Destination<'a> {
 
     /// Appends `messaging.destination.name` to `out`.
     pub(crate) fn write_name(&self, out: &mut String) {
-        if !join(out, self.name_parts().iter().map(|p| (*p, ""))) {
+        let [exchange, routing_key, queue] = self.name_parts();
+        if !join(out, [(exchange, ""), (routing_key, ""), (queue, "")]) {
             out.push_str(DEFAULT_EXCHANGE);
         }
     }
@@ -125,21 +126,45 @@ impl<'a> Destination<'a> {
         }
         let queue = if is_temporary_queue(queue) { "" } else { queue };
         let routing_key = routing_key_template(routing_key, exchange.is_empty());
-        join(out, [(exchange, ""), routing_key, (queue, "")].into_iter())
+        join(out, [(exchange, ""), routing_key, (queue, "")])
+    }
+}
+
+impl Destination<'_> {
+    /// Whether the template is the name itself (so the name is known to be
+    /// low-cardinality), without building either.
+    pub(crate) fn template_is_name(&self) -> bool {
+        let [exchange, routing_key, queue] = self.name_parts();
+        if is_temporary_queue(queue) {
+            return false;
+        }
+        let (prefix, suffix) = routing_key_template(routing_key, exchange.is_empty());
+        let key_kept = prefix.len() + suffix.len() == routing_key.len()
+            && routing_key.starts_with(prefix)
+            && routing_key.ends_with(suffix);
+        key_kept
+            && !(exchange.is_empty()
+                && routing_key.is_empty()
+                && queue.is_empty()
+                && self.queue.is_some())
     }
 }
 
 /// The template of a routing key, as a prefix of it and a suffix to add.
+/// (Byte scans: this runs for every message, and `str::find` with a char
+/// pattern cost five times as much here.)
 fn routing_key_template(key: &str, default_exchange: bool) -> (&str, &'static str) {
     if key.is_empty() || is_temporary_queue(key) {
         return ("", "");
     }
-    let mut dots = key.match_indices('.').map(|(i, _)| i);
-    if let (Some(first), Some(second)) = (dots.next(), dots.next())
-        && MINDBUS_TYPES.contains(&&key[..first])
-        && first + 1 < second
+    let bytes = key.as_bytes();
+    if let Some((first, rest)) = bytes.split_at_checked(4)
+        && first[3] == b'.'
+        && MINDBUS_TYPES.iter().any(|t| t.as_bytes() == &first[..3])
+        && let Some(topic) = rest.iter().position(|&b| b == b'.')
+        && topic > 0
     {
-        return (&key[..=second], "*");
+        return (&key[..4 + topic + 1], "*");
     }
     if default_exchange {
         // The routing key names the queue.
@@ -151,9 +176,13 @@ fn routing_key_template(key: &str, default_exchange: bool) -> (&str, &'static st
 
 /// Appends the non-empty parts (each a prefix and a suffix) to `out`,
 /// separated by `:`; whether anything was appended.
-fn join<'p>(out: &mut String, parts: impl Iterator<Item = (&'p str, &'static str)>) -> bool {
+fn join(out: &mut String, parts: [(&str, &str); 3]) -> bool {
+    out.reserve(parts.iter().map(|(p, s)| p.len() + s.len() + 1).sum());
     let mut any = false;
-    for (part, suffix) in parts.filter(|(p, _)| !p.is_empty()) {
+    for (part, suffix) in parts {
+        if part.is_empty() {
+            continue;
+        }
         if any {
             out.push(':');
         }
@@ -284,6 +313,40 @@ mod tests {
         }
         assert!(Destination::receive("mindbus.main", "evt.a.b", "amq.gen-Q1").is_temporary());
         assert!(!Destination::receive("", "amq.gen-Q1", "named").is_temporary());
+    }
+
+    #[test]
+    fn template_is_name_agrees_with_building_both() {
+        let sends = [
+            ("mindbus.main", "cmd.writer.any"),
+            ("mindbus.main", "cmd.writer.*"),
+            ("logs", "user-4711"),
+            ("logs", ""),
+            ("", "orchestrator.replies"),
+            ("", "amq.gen-Xa1"),
+            ("", ""),
+        ];
+        let receives = [
+            ("mindbus.main", "cmd.writer.any", "agent.writer"),
+            ("mindbus.main", "evt.task.completed", "amq.gen-Q1"),
+            ("", "orders", "orders"),
+            ("jobs", "orders", "orders"),
+            ("", "amq.gen-Q2", "amq.gen-Q2"),
+            ("dlx", "user-4711", "parked"),
+            ("", "", "q"),
+        ];
+        let all = sends.iter().map(|(e, k)| Destination::send(e, k)).chain(
+            receives
+                .iter()
+                .map(|(e, k, q)| Destination::receive(e, k, q)),
+        );
+        for d in all {
+            assert_eq!(
+                d.template_is_name(),
+                d.template().as_deref() == Some(d.name().as_str()),
+                "{d:?}"
+            );
+        }
     }
 
     #[test]
