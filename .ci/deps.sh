@@ -8,7 +8,8 @@
 #                            the OpenTelemetry Collector and Prometheus 3.16, built
 #                            from their Go modules into $MINDBUS_TOOLS (default
 #                            ~/.cache/mindbus-otel), once per version: about
-#                            10 minutes the first time; the end-to-end tests use them
+#                            10 minutes the first time; and pika (the reference Python
+#                            client's AMQP library) in a venv; the end-to-end tests use them
 #
 # Idempotent: on a ready machine it installs nothing, runs no `apt-get update`
 # and returns at once. Each failure is one line on stderr naming what is
@@ -130,6 +131,21 @@ build_prometheus() { # -> $TOOLS/prometheus-$PROMETHEUS_MODULE/{prometheus,promt
     || fail "building Prometheus failed: run 'go install github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE' to see why"
 }
 
+# pika, the AMQP library of the reference Python client: the interop tests
+# run a pika orchestrator against the demo's agents.
+PIKA_VERSION=1.3.2
+setup_pika() { # -> $TOOLS/venv-pika-$PIKA_VERSION/bin/python
+  local dir="$TOOLS/venv-pika-$PIKA_VERSION"
+  [ -x "$dir/bin/python" ] && "$dir/bin/python" -c "import pika" 2>/dev/null && return 0
+  command -v python3 >/dev/null || fail "python3 is missing: install Python 3.11 (pika runs in a venv)"
+  echo "deps: installing pika $PIKA_VERSION into $dir"
+  rm -rf "$dir"
+  python3 -m venv "$dir" >/dev/null 2>&1 \
+    || fail "'python3 -m venv $dir' failed: install python3-venv ('apt-get install -y python3-venv')"
+  "$dir/bin/pip" install -q "pika==$PIKA_VERSION" >/dev/null 2>&1 \
+    || fail "installing pika failed: run '$dir/bin/pip install pika==$PIKA_VERSION' to see why"
+}
+
 if [ -n "$all" ]; then
   # promtool (Debian's prometheus 2.42) checks the Prometheus config.
   command -v promtool >/dev/null || apt_install prometheus
@@ -138,12 +154,18 @@ if [ -n "$all" ]; then
   build_jaeger
   build_collector
   build_prometheus
+  setup_pika
   # Stable names for the tests: $TOOLS/bin/jaeger and $TOOLS/bin/otelcol.
   mkdir -p "$TOOLS/bin"
   ln -sfn "$TOOLS/jaeger-$JAEGER_MODULE/jaeger" "$TOOLS/bin/jaeger"
   ln -sfn "$OTELCOL" "$TOOLS/bin/otelcol"
   ln -sfn "$TOOLS/prometheus-$PROMETHEUS_MODULE/prometheus" "$TOOLS/bin/prometheus3"
   ln -sfn "$TOOLS/prometheus-$PROMETHEUS_MODULE/promtool" "$TOOLS/bin/promtool3"
-  echo "deps: ready (Jaeger, the collector and Prometheus 3 in $TOOLS/bin)"
+  # A wrapper, not a link: a venv's python finds its packages only when run
+  # by its own path.
+  rm -f "$TOOLS/bin/python-pika"
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$TOOLS/venv-pika-$PIKA_VERSION/bin/python" >"$TOOLS/bin/python-pika"
+  chmod +x "$TOOLS/bin/python-pika"
+  echo "deps: ready (Jaeger, the collector, Prometheus 3 and pika in $TOOLS/bin)"
 fi
 echo "deps: ready (RabbitMQ on 127.0.0.1:5672, management API on 127.0.0.1:15672)"

@@ -425,6 +425,108 @@ async fn writer_role_answers_two_commands_including_a_python_style_one() {
     cleanup.run().await;
 }
 
+/// An orchestrator written against pika (the reference Python client's
+/// AMQP library, run from `tests/peers/pika_orchestrator.py`) sends the
+/// demo's writer a COMMAND with the trace context only in the CloudEvents
+/// body: the writer's spans join the Python side's trace, and the RESULT
+/// that pika receives carries W3C `traceparent` headers in that trace, the
+/// RESULT's PRODUCER span as parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pika_orchestrator_and_the_writer_form_one_trace() {
+    let python = tools::tool("python-pika");
+    let rx = OtlpReceiver::start().await.unwrap();
+    let prefix = format!("{}.", unique("pika"));
+    let exchange = unique("pika.bus");
+    let cleanup = Cleanup::new(&prefix, &exchange);
+    let mut cmd = Command::new(demo_binary());
+    cmd.args(["--role", "writer", "--max-messages", "1"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, &prefix, &exchange);
+    let mut child = cmd.spawn().unwrap();
+    let conn = connect().await;
+    let writer_q = format!("{prefix}agent.writer");
+    wait_consuming(&conn, &writer_q).await;
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/pika_orchestrator.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(&python)
+            .arg(&script)
+            .args([url().as_str(), exchange.as_str(), "cmd.writer.any"])
+            .output(),
+    )
+    .await
+    .expect("the pika orchestrator finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pika orchestrator: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let traceparent = sent["traceparent"].as_str().unwrap();
+    let (trace_id, span_id) = (&traceparent[3..35], &traceparent[36..52]);
+    let reply = &sent["reply"];
+    assert_eq!(reply["type"], "ai.team.result", "{sent}");
+    assert_eq!(reply["correlation_id"], sent["command_id"], "{sent}");
+    let reply_tp = reply["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the RESULT has a traceparent header: {sent}"));
+    assert_eq!(
+        &reply_tp[3..35],
+        trace_id,
+        "the RESULT is in the pika trace"
+    );
+
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the writer exits after 1 message")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let spans = rx
+        .wait_until(Duration::from_secs(10), |s| {
+            !s.by_kind(opentelemetry::trace::SpanKind::Producer)
+                .is_empty()
+        })
+        .await;
+    let process = spans.one(&format!("process {exchange}:cmd.writer.*:{writer_q}"));
+    assert_eq!(
+        process.trace_id.to_string(),
+        trace_id,
+        "\n{}",
+        spans.render_all()
+    );
+    assert_eq!(
+        process.parent_span_id.map(|s| s.to_string()).as_deref(),
+        Some(span_id),
+        "the writer's processing is a child of the pika orchestrator's span"
+    );
+    let result = spans.one_where(
+        |s| s.kind == opentelemetry::trace::SpanKind::Producer && s.name == "publish",
+        "the RESULT to pika's server-named reply queue",
+    );
+    assert!(
+        spans.is_parent_of(process, result),
+        "\n{}",
+        spans.render_all()
+    );
+    assert_eq!(
+        &reply_tp[36..52],
+        result.span_id.to_string(),
+        "pika receives the RESULT's PRODUCER span as its parent"
+    );
+    assert_eq!(
+        result.attr_str("messaging.destination.name"),
+        sent["reply_queue"].as_str()
+    );
+    close(&conn).await;
+    cleanup.run().await;
+}
+
 /// An agent queue as the reference Python client declares it: durable,
 /// `x-max-priority: 255` encoded as pika encodes a Python int (`I`), nothing
 /// else.
