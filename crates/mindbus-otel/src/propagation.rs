@@ -335,8 +335,16 @@ impl TraceContext {
         let mut entries: [Option<(&'static str, String)>; 3] = [None, None, None];
         if sc.is_valid() {
             entries[0] = Some((TRACEPARENT, w3c::format_traceparent(sc)));
-            if *sc.trace_state() != TraceState::NONE {
-                let (ts, dropped) = w3c::format_tracestate_limited(sc.trace_state());
+            // Inherited members the OpenTelemetry `TraceState` could not
+            // hold, while this is still their trace.
+            let inherited = cx
+                .get::<InheritedTracestate>()
+                .filter(|i| i.trace_id == sc.trace_id());
+            if *sc.trace_state() != TraceState::NONE || inherited.is_some() {
+                let (ts, dropped) = match inherited {
+                    Some(i) => w3c::format_tracestate_inherited(sc.trace_state(), &i.members),
+                    None => w3c::format_tracestate_limited(sc.trace_state()),
+                };
                 self.stats.members_dropped(TRACESTATE, false, dropped);
                 if !ts.is_empty() {
                     entries[1] = Some((TRACESTATE, ts));
@@ -400,7 +408,7 @@ impl TraceContext {
         // lack `tracestate` and `baggage`, and each miss is a full scan).
         let [traceparent, tracestate, baggage] =
             HeaderExtractor::new(msg.headers()).find_all([TRACEPARENT, TRACESTATE, BAGGAGE]);
-        let mut parent: Option<(SpanContext, ContextSource)> = None;
+        let mut parent: Option<(SpanContext, ContextSource, Members)> = None;
         match traceparent.capped(MAX_TRACEPARENT_LEN, RejectReason::Oversized) {
             HeaderValue::Text(tp) => match w3c::parse_traceparent(tp) {
                 Ok(sc) => {
@@ -408,7 +416,7 @@ impl TraceContext {
                         tracestate
                             .capped(MAX_TRACESTATE_HEADER_LEN, RejectReason::TracestateOversized),
                     );
-                    parent = Some((with_state(sc, ts), ContextSource::Headers));
+                    parent = Some((with_state(sc, ts.state), ContextSource::Headers, ts.members));
                 }
                 Err(reason) => self.stats.reject(reason),
             },
@@ -422,18 +430,31 @@ impl TraceContext {
                     Ok(sc) => {
                         let ts = match env.tracestate() {
                             Some(ts) => self.read_tracestate(HeaderValue::Text(ts)),
-                            None => TraceState::NONE,
+                            None => w3c::ParsedTracestate::default(),
                         };
-                        parent = Some((with_state(sc, ts), ContextSource::CloudEvents));
+                        parent = Some((
+                            with_state(sc, ts.state),
+                            ContextSource::CloudEvents,
+                            ts.members,
+                        ));
                     }
                     Err(reason) => self.stats.reject(reason),
                 }
             }
         }
         let mut cx = match parent {
-            Some((sc, source)) => {
+            Some((sc, source, members)) => {
                 self.stats.source(source);
-                Context::new().with_remote_span_context(sc)
+                let trace_id = sc.trace_id();
+                let cx = Context::new().with_remote_span_context(sc);
+                if members.is_empty() {
+                    cx
+                } else {
+                    cx.with_value(InheritedTracestate {
+                        trace_id,
+                        members: members.into(),
+                    })
+                }
             }
             None => {
                 self.stats.source(ContextSource::None);
@@ -468,21 +489,28 @@ impl TraceContext {
         cx
     }
 
-    fn read_tracestate(&self, value: HeaderValue<'_>) -> TraceState {
+    fn read_tracestate(&self, value: HeaderValue<'_>) -> w3c::ParsedTracestate {
         match value {
-            HeaderValue::Text(ts) => w3c::parse_tracestate(ts).unwrap_or_else(|reason| {
-                self.stats.reject(reason);
-                TraceState::NONE
-            }),
+            HeaderValue::Text(ts) => match w3c::parse_tracestate_counted(ts) {
+                Ok(parsed) => {
+                    self.stats
+                        .members_dropped(TRACESTATE, true, parsed.duplicates);
+                    parsed
+                }
+                Err(reason) => {
+                    self.stats.reject(reason);
+                    w3c::ParsedTracestate::default()
+                }
+            },
             HeaderValue::Unreadable(RejectReason::TracestateOversized) => {
                 self.stats.reject(RejectReason::TracestateOversized);
-                TraceState::NONE
+                w3c::ParsedTracestate::default()
             }
             HeaderValue::Unreadable(_) => {
                 self.stats.reject(RejectReason::TracestateMalformed);
-                TraceState::NONE
+                w3c::ParsedTracestate::default()
             }
-            HeaderValue::Missing => TraceState::NONE,
+            HeaderValue::Missing => w3c::ParsedTracestate::default(),
         }
     }
 
@@ -558,6 +586,20 @@ fn header_label(name: &str) -> &'static str {
         BAGGAGE => BAGGAGE,
         _ => "other",
     }
+}
+
+/// `tracestate` members, in list order.
+type Members = Vec<(String, String)>;
+
+/// The inherited `tracestate` members of a trace when some of them do not
+/// fit the OpenTelemetry `TraceState` (see
+/// [`w3c::ParsedTracestate::members`]): kept in the context beside the
+/// remote span context, written out again by [`TraceContext`]'s inject for
+/// the same trace.
+#[derive(Debug)]
+struct InheritedTracestate {
+    trace_id: opentelemetry::trace::TraceId,
+    members: Arc<[(String, String)]>,
 }
 
 fn with_state(sc: SpanContext, ts: TraceState) -> SpanContext {
@@ -997,6 +1039,81 @@ mod tests {
                 .is_empty()
         );
         assert!(format!("{tc:?}").contains("no_inject_exchanges: [\"\"]"));
+    }
+
+    /// #28: what the current W3C text has a receiver inherit goes on to the
+    /// next hop: a repeated key once (the first), keys with `@` that the
+    /// OpenTelemetry `TraceState` refuses (`foo@@bar`) too, in their place;
+    /// a key starting with `@` still drops the value. Inside the message's
+    /// trace only, and as the API changed it when it did.
+    #[test]
+    fn the_next_hop_inherits_what_the_current_w3c_text_says() {
+        let tc = TraceContext::default();
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let inherit = |ts: &str| {
+            let cx = deliver(
+                &tc,
+                headers(vec![("traceparent", long(tp)), ("tracestate", long(ts))]),
+                b"{}",
+            );
+            let sent = publish(&tc, cx, "mindbus.main", None);
+            sent.inner().get("tracestate").cloned()
+        };
+        let text = with_metrics(|| {
+            assert_eq!(inherit("foo=1,foo=2"), Some(long("foo=1")));
+            assert_eq!(inherit("foo@=1,bar=2"), Some(long("foo@=1,bar=2")));
+            assert_eq!(
+                inherit("a=0,foo@@bar=1,bar=2"),
+                Some(long("a=0,foo@@bar=1,bar=2"))
+            );
+            assert_eq!(inherit("foo@bar@baz=1"), Some(long("foo@bar@baz=1")));
+            assert_eq!(inherit("@foo=1,bar=2"), None);
+        });
+        assert!(
+            text.contains("mindbus_otel_dropped_context_members_total{header=\"tracestate\",direction=\"inbound\"} 1"),
+            "{text}"
+        );
+        // Changed through the API: its members first, then the ones it
+        // could not hold.
+        let cx = deliver(
+            &tc,
+            headers(vec![
+                ("traceparent", long(tp)),
+                ("tracestate", long("a=0,foo@@bar=1")),
+            ]),
+            b"{}",
+        );
+        let sc = cx.span().span_context().clone();
+        let changed = SpanContext::new(
+            sc.trace_id(),
+            SpanId::from(7u64),
+            sc.trace_flags(),
+            false,
+            sc.trace_state().insert("me", "2").expect("valid"),
+        );
+        let sent = publish(&tc, cx.with_remote_span_context(changed), "x", None);
+        assert_eq!(
+            sent.inner().get("tracestate"),
+            Some(&long("me=2,a=0,foo@@bar=1"))
+        );
+        // Another trace in the same context: none of it.
+        let other = SpanContext::new(
+            TraceId::from(9u128),
+            SpanId::from(9u64),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        );
+        let cx = deliver(
+            &tc,
+            headers(vec![
+                ("traceparent", long(tp)),
+                ("tracestate", long("foo@@bar=1")),
+            ]),
+            b"{}",
+        );
+        let sent = publish(&tc, cx.with_remote_span_context(other), "x", None);
+        assert_eq!(sent.inner().get("tracestate"), None);
     }
 
     #[test]

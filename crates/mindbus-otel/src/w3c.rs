@@ -22,6 +22,17 @@
 //! | `baggage` entries kept | [`MAX_BAGGAGE_KEPT_MEMBERS`] = 64 distinct keys (what the OpenTelemetry `Baggage` holds) | the first 64 kept, the others dropped and counted, [`RejectReason::BaggageTruncated`] |
 //!
 //! A rejected `tracestate` or `baggage` never invalidates the `traceparent`.
+//!
+//! `tracestate` follows the current W3C text (the editor's draft and the
+//! w3c/trace-context test suite) where it differs from Level 1: a key may
+//! start with a digit and hold `@` anywhere after its first character
+//! (Level 1 had one `@` and at most 14 characters after it), and a key
+//! repeated in a list is inherited once (the first member; Level 1 made
+//! the list invalid). Keys that the OpenTelemetry API's `TraceState` still
+//! refuses (`foo@@bar`, `a@b@c`, 15 characters after `@`) are kept beside
+//! it ([`ParsedTracestate::members`]) and written out again for the same
+//! trace ([`format_tracestate_inherited`]). A member that breaks the
+//! grammar still drops the whole value, as the test suite expects.
 //! The W3C Baggage specification requires every member to be propagated
 //! only up to 64 members and 8192 bytes and lets a platform drop members
 //! beyond that; the OpenTelemetry API's `Baggage` silently keeps 64 entries,
@@ -231,32 +242,24 @@ fn list_members(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(trim_ows).filter(|m| !m.is_empty())
 }
 
-/// A `tracestate` character after the first: `lcalpha / DIGIT / "_" / "-" / "*" / "/"`.
+/// A `tracestate` key character after the first: `lcalpha / DIGIT / "_"
+/// / "-" / "*" / "/" / "@"`.
 fn ts_key_char(c: u8) -> bool {
-    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/')
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/' | b'@')
 }
 
-/// W3C Trace Context `key`: a simple key (lowercase letter first, at most
-/// 256 characters) or `tenant@system` (tenant at most 241 characters
-/// starting with a lowercase letter or digit, system at most 14 starting
-/// with a lowercase letter).
+/// W3C Trace Context `key`, as the current text has it (the editor's
+/// draft and the w3c/trace-context test suite): a lowercase letter or
+/// digit, then up to 255 of lowercase letters, digits, `_`, `-`, `*`, `/`
+/// and `@`. Level 1's `tenant@system` form (one `@`, at most 14 characters
+/// after it) is one case of it; keys such as `foo@` or `a@b@c` are valid
+/// now too, and only a key that starts with `@` (or another character
+/// outside the grammar) is not.
 fn is_tracestate_key(key: &str) -> bool {
-    let rest_ok = |b: &[u8]| b.iter().all(|&c| ts_key_char(c));
-    match key.split_once('@') {
-        None => {
-            let b = key.as_bytes();
-            matches!(b.first(), Some(c) if c.is_ascii_lowercase()) && b.len() <= 256 && rest_ok(b)
-        }
-        Some((tenant, system)) => {
-            let (t, s) = (tenant.as_bytes(), system.as_bytes());
-            matches!(t.first(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-                && t.len() <= 241
-                && rest_ok(t)
-                && matches!(s.first(), Some(c) if c.is_ascii_lowercase())
-                && s.len() <= 14
-                && rest_ok(s)
-        }
-    }
+    let b = key.as_bytes();
+    matches!(b.first(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.len() <= 256
+        && b[1..].iter().all(|&c| ts_key_char(c))
 }
 
 /// W3C Trace Context `value`: 1 to 256 printable ASCII characters except
@@ -269,16 +272,45 @@ fn is_tracestate_value(value: &str) -> bool {
         && matches!(b.last(), Some(&c) if nblk(c))
 }
 
+/// A `tracestate` value as inherited: see [`parse_tracestate_counted`].
+#[derive(Debug, Clone, Default)]
+pub struct ParsedTracestate {
+    /// The members the OpenTelemetry `TraceState` holds, in header order.
+    pub state: TraceState,
+    /// Members with a key seen earlier in the list, discarded: the first
+    /// of each key is kept (the specification makes unique keys the
+    /// sender's duty and lets a receiver keep or discard duplicates).
+    pub duplicates: usize,
+    /// When some member is valid but the OpenTelemetry API's `TraceState`
+    /// refuses it (it still checks keys against Level 1's `tenant@system`
+    /// form: `foo@`, `a@b@c`, or more than 14 characters after `@`), every
+    /// inherited member in header order, those included; else empty.
+    pub members: Vec<(String, String)>,
+}
+
+impl ParsedTracestate {
+    /// Members the `TraceState` could not hold (kept in
+    /// [`members`](Self::members)).
+    pub fn unrepresentable(&self) -> usize {
+        self.members
+            .len()
+            .saturating_sub((&self.state).into_iter().len())
+    }
+}
+
 /// Parses a `tracestate` value within the W3C limits (see the
 /// [module docs](self)).
 ///
 /// Empty and white-space-only list members are allowed and skipped. Size
 /// is checked first (raw length, then member count and combined length:
 /// [`RejectReason::TracestateOversized`]), then the grammar: every member
-/// `key=value` with a valid key and value and no key twice
-/// ([`RejectReason::TracestateMalformed`]). A rejected value is dropped
-/// whole, as the W3C test suite expects.
-pub fn parse_tracestate(value: &str) -> Result<TraceState, RejectReason> {
+/// `key=value` with a valid key and value
+/// ([`RejectReason::TracestateMalformed`]); a value that breaks the
+/// grammar is dropped whole, as the W3C test suite expects (it sends
+/// `foo=,bar=3` and `@foo=1,bar=2` and expects nothing inherited). A key
+/// repeated later in the list is not an error: the first member of each
+/// key is inherited, the others discarded and counted.
+pub fn parse_tracestate_counted(value: &str) -> Result<ParsedTracestate, RejectReason> {
     if value.len() > MAX_TRACESTATE_HEADER_LEN {
         return Err(RejectReason::TracestateOversized);
     }
@@ -291,19 +323,41 @@ pub fn parse_tracestate(value: &str) -> Result<TraceState, RejectReason> {
     if count > MAX_TRACESTATE_MEMBERS || combined > MAX_TRACESTATE_LEN {
         return Err(RejectReason::TracestateOversized);
     }
+    let mut parsed = ParsedTracestate::default();
     if count == 0 {
-        return Ok(TraceState::NONE);
+        return Ok(parsed);
     }
     let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(count);
     for m in list_members(value) {
         let (k, v) = m.split_once('=').ok_or(RejectReason::TracestateMalformed)?;
-        if !is_tracestate_key(k) || !is_tracestate_value(v) || pairs.iter().any(|(pk, _)| *pk == k)
-        {
+        if !is_tracestate_key(k) || !is_tracestate_value(v) {
             return Err(RejectReason::TracestateMalformed);
         }
-        pairs.push((k, v));
+        if pairs.iter().any(|(pk, _)| *pk == k) {
+            parsed.duplicates += 1;
+        } else {
+            pairs.push((k, v));
+        }
     }
-    TraceState::from_key_value(pairs).map_err(|_| RejectReason::TracestateMalformed)
+    // Only a key with `@` can be valid here and refused by the API.
+    let holds = |k: &str| !k.contains('@') || TraceState::from_key_value([(k, "x")]).is_ok();
+    if pairs.iter().all(|(k, _)| holds(k)) {
+        parsed.state =
+            TraceState::from_key_value(pairs).map_err(|_| RejectReason::TracestateMalformed)?;
+        return Ok(parsed);
+    }
+    parsed.members = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    parsed.state = TraceState::from_key_value(pairs.into_iter().filter(|(k, _)| holds(k)))
+        .map_err(|_| RejectReason::TracestateMalformed)?;
+    Ok(parsed)
+}
+
+/// [`parse_tracestate_counted`]'s trace state alone.
+pub fn parse_tracestate(value: &str) -> Result<TraceState, RejectReason> {
+    parse_tracestate_counted(value).map(|p| p.state)
 }
 
 /// Formats a trace state as a `tracestate` header value within the W3C
@@ -315,9 +369,41 @@ pub fn parse_tracestate(value: &str) -> Result<TraceState, RejectReason> {
 /// longer than [`TRACESTATE_TRUNCATE_FIRST_LEN`] are removed first, from
 /// the end, then members from the end, as the specification recommends.
 pub fn format_tracestate_limited(ts: &TraceState) -> (String, usize) {
+    format_members_limited(ts)
+}
+
+/// [`format_tracestate_limited`] for a trace state that inherited members
+/// the OpenTelemetry `TraceState` could not hold (`inherited`, every
+/// inherited member in header order: [`ParsedTracestate::members`]).
+/// Unchanged since (it holds exactly the inherited members it could), the
+/// inherited list goes on as it came; changed (a member added, updated or
+/// deleted through the API), its members go first, in its order, then the
+/// inherited members it could not hold.
+pub fn format_tracestate_inherited(
+    ts: &TraceState,
+    inherited: &[(String, String)],
+) -> (String, usize) {
+    let holds = |k: &str| !k.contains('@') || TraceState::from_key_value([(k, "x")]).is_ok();
+    let held = inherited.iter().filter(|(k, _)| holds(k));
+    let unchanged = ts
+        .into_iter()
+        .eq(held.map(|(k, v)| (k.as_str(), v.as_str())));
+    if unchanged {
+        return format_members_limited(inherited.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    }
+    let rest = inherited
+        .iter()
+        .filter(|(k, _)| !holds(k))
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    format_members_limited(ts.into_iter().chain(rest))
+}
+
+fn format_members_limited<'a>(
+    list: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> (String, usize) {
     let mut dropped = 0;
     let mut members: Vec<(&str, &str)> = Vec::new();
-    for (k, v) in ts {
+    for (k, v) in list {
         let ok = is_tracestate_key(k)
             && is_tracestate_value(v)
             && members.len() < MAX_TRACESTATE_MEMBERS
@@ -726,6 +812,13 @@ mod tests {
             "0tenant@v=x",
             "a_-*/9=x y",
             "k=!\"#$%&'()*+-./:;<>?@[]^_`{|}~",
+            // The current text: a digit first, `@` anywhere after the first
+            // character; a repeated key is inherited once.
+            "1digit=1",
+            "t@=x",
+            "t@v@w=x",
+            "t@abcdefghijklmno=x",
+            "k=v ,k=w",
         ];
         for v in ok {
             assert!(parse_tracestate(v).is_ok(), "{v:?}");
@@ -733,19 +826,15 @@ mod tests {
         let malformed = [
             "novalue",
             "Upper=1",
-            "1digit=1",
             "k=",
             "k=a=b",
-            "k=v ,k=w",
             "k =v",
             "k=v\u{e9}",
             "k=v\u{7f}",
             "k=tab\tinside",
-            "t@=x",
             "@v=x",
             "t@V=x",
-            "t@v@w=x",
-            "t@abcdefghijklmno=x",
+            "foo.bar=1",
         ];
         for v in malformed {
             assert_eq!(
@@ -760,6 +849,101 @@ mod tests {
         assert_eq!(parse_tracestate(&v257).err(), Some(TracestateMalformed));
         let ts = parse_tracestate("b=2, a=1").expect("valid");
         assert_eq!(ts.header(), "b=2,a=1", "order kept, white space dropped");
+    }
+
+    /// The `test_tracestate_*` cases of the w3c/trace-context test suite
+    /// (test/test.py, default strictness): what each input inherits, as
+    /// the list of members the next hop receives.
+    #[test]
+    fn the_w3c_suite_tracestate_cases() {
+        let inherited = |value: &str| -> Option<Vec<(String, String)>> {
+            let parsed = parse_tracestate_counted(value).ok()?;
+            Some(if parsed.members.is_empty() {
+                (&parsed.state)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            } else {
+                parsed.members
+            })
+        };
+        let list = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (t241, t242) = ("t".repeat(241), "t".repeat(242));
+        let (vendor14, z256) = (format!("{t241}@{}", "v".repeat(14)), "z".repeat(256));
+        let (at_v, v15) = (format!("{t242}@v"), format!("t@{}", "v".repeat(15)));
+        type Members = Vec<(String, String)>;
+        let cases: Vec<(String, Option<Members>)> = vec![
+            // test_tracestate_duplicated_keys: inherited, one of each.
+            ("foo=1,foo=1".into(), list(&[("foo", "1")])),
+            ("foo=1,foo=2".into(), list(&[("foo", "1")])),
+            // test_tracestate_key_illegal_vendor_format.
+            ("foo@=1,bar=2".into(), list(&[("foo@", "1"), ("bar", "2")])),
+            ("@foo=1,bar=2".into(), None),
+            (
+                "foo@@bar=1,bar=2".into(),
+                list(&[("foo@@bar", "1"), ("bar", "2")]),
+            ),
+            (
+                "foo@bar@baz=1,bar=2".into(),
+                list(&[("foo@bar@baz", "1"), ("bar", "2")]),
+            ),
+            // test_tracestate_key_length_limit.
+            (
+                format!("foo=1,{z256}=1"),
+                list(&[("foo", "1"), (z256.as_str(), "1")]),
+            ),
+            (format!("foo=1,{}=1", "z".repeat(257)), None),
+            (
+                format!("foo=1,{vendor14}=1"),
+                list(&[("foo", "1"), (vendor14.as_str(), "1")]),
+            ),
+            (
+                format!("foo=1,{at_v}=1"),
+                list(&[("foo", "1"), (at_v.as_str(), "1")]),
+            ),
+            (
+                format!("foo=1,{v15}=1"),
+                list(&[("foo", "1"), (v15.as_str(), "1")]),
+            ),
+            // test_tracestate_key_illegal_characters.
+            ("foo =1".into(), None),
+            ("FOO=1".into(), None),
+            ("foo.bar=1".into(), None),
+            // test_tracestate_value_illegal_characters.
+            ("foo=bar=baz".into(), None),
+            ("foo=,bar=3".into(), None),
+            // test_tracestate_ows_handling.
+            (
+                "foo=1 \t , \t bar=2, \t baz=3".into(),
+                list(&[("foo", "1"), ("bar", "2"), ("baz", "3")]),
+            ),
+            ("\t foo=1 \t".into(), list(&[("foo", "1")])),
+            // test_tracestate_empty_header and test_tracestate_multiple_headers_different_keys
+            // (RFC 9110 joins the fields with commas).
+            ("".into(), list(&[])),
+            (
+                "foo=1,bar=2,rojo=1,congo=2,baz=3".into(),
+                list(&[
+                    ("foo", "1"),
+                    ("bar", "2"),
+                    ("rojo", "1"),
+                    ("congo", "2"),
+                    ("baz", "3"),
+                ]),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(inherited(&input), want, "{input:?}");
+        }
+        let p = parse_tracestate_counted("foo=1,foo=2,bar@@baz=3").expect("inherited");
+        assert_eq!((p.duplicates, p.unrepresentable()), (1, 1));
     }
 
     #[test]
