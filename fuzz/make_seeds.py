@@ -78,6 +78,10 @@ def main():
         "tracestate-33-members": long("traceparent", TP)
         + long("tracestate", b",".join(b"k%d=v" % i for i in range(33)))
         + b"\xff",
+        # #28: what the current W3C text has a receiver inherit.
+        "tracestate-duplicates-and-at-keys": long("traceparent", TP)
+        + long("tracestate", b"foo=1,foo=2,foo@@bar=1,a@b@c=2,t@" + b"v" * 15 + b"=3,bar=4")
+        + b"\xff",
         "nested-table": bytes([17, 6]) + b"nested" + bytes([1]) + long("traceparent", TP) + b"\xff",
         "malformed": long("traceparent", b"00-not-a-trace-context-01") + long("baggage", b"=novalue,,;") + b"\xff",
     }
