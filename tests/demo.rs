@@ -327,19 +327,35 @@ async fn demo_runs_three_tasks_one_trace_each_and_dashboards_match_its_metrics()
     cleanup.run().await;
 }
 
+/// The demo's writer alone, answering `max_messages` COMMANDs on its own
+/// names, exporting to `rx` over gRPC, without a metrics listener.
+fn spawn_writer(
+    rx: &OtlpReceiver,
+    prefix: &str,
+    exchange: &str,
+    max_messages: u32,
+) -> tokio::process::Child {
+    let mut cmd = Command::new(demo_binary());
+    cmd.args([
+        "--role",
+        "writer",
+        "--max-messages",
+        &max_messages.to_string(),
+    ])
+    .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
+    .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    .env("METRICS_ADDR", "off");
+    isolated(&mut cmd, prefix, exchange);
+    cmd.spawn().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_role_answers_two_commands_including_a_python_style_one() {
     let rx = OtlpReceiver::start().await.unwrap();
     let prefix = format!("{}.", unique("role"));
     let exchange = unique("role.bus");
     let cleanup = Cleanup::new(&prefix, &exchange);
-    let mut cmd = Command::new(demo_binary());
-    cmd.args(["--role", "writer", "--max-messages", "2"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .env("METRICS_ADDR", "off");
-    isolated(&mut cmd, &prefix, &exchange);
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_writer(&rx, &prefix, &exchange, 2);
 
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
@@ -438,13 +454,7 @@ async fn a_pika_orchestrator_and_the_writer_form_one_trace() {
     let prefix = format!("{}.", unique("pika"));
     let exchange = unique("pika.bus");
     let cleanup = Cleanup::new(&prefix, &exchange);
-    let mut cmd = Command::new(demo_binary());
-    cmd.args(["--role", "writer", "--max-messages", "1"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rx.grpc_endpoint())
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .env("METRICS_ADDR", "off");
-    isolated(&mut cmd, &prefix, &exchange);
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_writer(&rx, &prefix, &exchange, 1);
     let conn = connect().await;
     let writer_q = format!("{prefix}agent.writer");
     wait_consuming(&conn, &writer_q).await;

@@ -360,11 +360,32 @@ impl MessagingSpans {
         self.inner.stats.ended.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The attributes known before the span starts, besides the operation
-    /// and destination, so that samplers see them: the broker
-    /// (`server.address` / `.port`) and this process's agent
-    /// (`messaging.client.id`; `mindbus.agent` with the 0.1 shapes).
-    fn start_attributes(&self, attrs: &mut Vec<KeyValue>, agent: Option<&Arc<str>>) {
+    /// The attributes a span starts with, what samplers see: system,
+    /// operation name and type, destination name and template, the message
+    /// kind (when there is a message), the broker (`server.address` /
+    /// `.port`) and this process's agent (`messaging.client.id`;
+    /// `mindbus.agent` with the 0.1 shapes); in a vector of `capacity`.
+    fn opening_attributes(
+        &self,
+        capacity: usize,
+        (operation, operation_type): (&'static str, &'static str),
+        (name, template): (Value, Option<Value>),
+        kind: Option<MessageKind>,
+        agent: Option<&Arc<str>>,
+    ) -> Vec<KeyValue> {
+        let mut attrs = Vec::with_capacity(capacity);
+        attrs.extend([
+            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
+            KeyValue::new(MESSAGING_OPERATION_NAME, operation),
+            KeyValue::new(MESSAGING_OPERATION_TYPE, operation_type),
+            KeyValue::new(MESSAGING_DESTINATION_NAME, name),
+        ]);
+        if let Some(kind) = kind {
+            attrs.push(KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()));
+        }
+        if let Some(template) = template {
+            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
+        }
         if let Some((host, port)) = &self.inner.server {
             attrs.push(KeyValue::new(SERVER_ADDRESS, Arc::clone(host)));
             attrs.push(KeyValue::new(SERVER_PORT, i64::from(*port)));
@@ -377,6 +398,7 @@ impl MessagingSpans {
             };
             attrs.push(KeyValue::new(key, Arc::clone(agent)));
         }
+        attrs
     }
 
     /// The attributes both directions record about the message itself and
@@ -929,20 +951,13 @@ impl MessagingSpans {
             }),
             None => Cow::Borrowed(operation),
         };
-        let mut attrs = Vec::with_capacity(12);
-        attrs.extend([
-            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
-            KeyValue::new(MESSAGING_OPERATION_NAME, operation),
-            KeyValue::new(MESSAGING_OPERATION_TYPE, "settle"),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, target.name.clone()),
-        ]);
-        if let Some(template) = &target.template {
-            attrs.push(KeyValue::new(
-                MESSAGING_DESTINATION_TEMPLATE,
-                template.clone(),
-            ));
-        }
-        self.start_attributes(&mut attrs, state.agent_shared());
+        let mut attrs = self.opening_attributes(
+            12,
+            (operation, "settle"),
+            (target.name.clone(), target.template.clone()),
+            None,
+            state.agent_shared(),
+        );
         if target.temporary {
             attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
             attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
@@ -1002,18 +1017,13 @@ impl MessagingSpans {
         let agent = msg.state().agent_shared().is_some();
         let capacity =
             self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
-        let mut attrs = Vec::with_capacity(capacity);
-        attrs.extend([
-            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
-            KeyValue::new(MESSAGING_OPERATION_NAME, op.as_str()),
-            KeyValue::new(MESSAGING_OPERATION_TYPE, op.as_str()),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
-            KeyValue::new(MINDBUS_MESSAGE_KIND, message_kind.as_str()),
-        ]);
-        if let Some(template) = dest.template {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
-        }
-        self.start_attributes(&mut attrs, msg.state().agent_shared());
+        let attrs = self.opening_attributes(
+            capacity,
+            (op.as_str(), op.as_str()),
+            (dest.name, dest.template),
+            Some(message_kind),
+            msg.state().agent_shared(),
+        );
         let mut builder = builder(dest.span_name, kind, attrs, start);
         if producer.is_valid() {
             // The conventions' link to the creation context. When the
@@ -1136,18 +1146,13 @@ impl Interceptor for MessagingSpans {
         let agent = msg.state().agent_shared().is_some();
         let capacity =
             self.attribute_count(extra, agent, temporary, routing_key, props, &msg.envelope());
-        let mut attrs = Vec::with_capacity(capacity);
-        attrs.extend([
-            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
-            KeyValue::new(MESSAGING_OPERATION_NAME, "publish"),
-            KeyValue::new(MESSAGING_OPERATION_TYPE, "send"),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
-            KeyValue::new(MINDBUS_MESSAGE_KIND, kind.as_str()),
-        ]);
-        if let Some(template) = dest.template {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
-        }
-        self.start_attributes(&mut attrs, msg.state().agent_shared());
+        let attrs = self.opening_attributes(
+            capacity,
+            ("publish", "send"),
+            (dest.name, dest.template),
+            Some(kind),
+            msg.state().agent_shared(),
+        );
         let error_code = (self.inner.legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
         let start = clock::system_time(msg.state().started());
@@ -1332,17 +1337,14 @@ impl Interceptor for MessagingSpans {
             .inner
             .names
             .get(Op::Receive, Destination::receive("", "", pull.queue));
-        let mut attrs = Vec::with_capacity(12);
-        attrs.extend([
-            KeyValue::new(MESSAGING_SYSTEM, RABBITMQ),
-            KeyValue::new(MESSAGING_OPERATION_NAME, Op::Receive.as_str()),
-            KeyValue::new(MESSAGING_OPERATION_TYPE, Op::Receive.as_str()),
-            KeyValue::new(MESSAGING_DESTINATION_NAME, dest.name),
-        ]);
-        if let Some(template) = dest.template {
-            attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPLATE, template));
-        }
-        self.start_attributes(&mut attrs, pull.agent);
+        let receive = Op::Receive.as_str();
+        let mut attrs = self.opening_attributes(
+            12,
+            (receive, receive),
+            (dest.name, dest.template),
+            None,
+            pull.agent,
+        );
         if dest.temporary {
             attrs.push(KeyValue::new(MESSAGING_DESTINATION_TEMPORARY, true));
             attrs.push(KeyValue::new(MESSAGING_DESTINATION_ANONYMOUS, true));
