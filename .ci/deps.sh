@@ -140,8 +140,10 @@ setup_pika() { # -> $TOOLS/venv-pika-$PIKA_VERSION/bin/python
   command -v python3 >/dev/null || fail "python3 is missing: install Python 3.11 (pika runs in a venv)"
   echo "deps: installing pika $PIKA_VERSION into $dir"
   rm -rf "$dir"
+  # Debian's python3 makes venvs only with python3-venv installed.
   python3 -m venv "$dir" >/dev/null 2>&1 \
-    || fail "'python3 -m venv $dir' failed: install python3-venv ('apt-get install -y python3-venv')"
+    || { rm -rf "$dir"; apt_install python3-venv; python3 -m venv "$dir" >/dev/null 2>&1; } \
+    || fail "'python3 -m venv $dir' failed: run it to see why (python3-venv is installed)"
   "$dir/bin/pip" install -q "pika==$PIKA_VERSION" >/dev/null 2>&1 \
     || fail "installing pika failed: run '$dir/bin/pip install pika==$PIKA_VERSION' to see why"
 }
