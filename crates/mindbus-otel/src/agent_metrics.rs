@@ -53,6 +53,7 @@ use crate::destination::{Destination, with_scratch};
 use crate::envelope::MessageKind;
 use crate::in_flight::{DEFAULT_MAX_IN_FLIGHT, InFlight, awaited_reply};
 use crate::interceptor::Interceptor;
+use crate::labels::ReadMostly;
 use crate::labels::{DEFAULT_MAX_LABEL_VALUES, HandleCache, LabelGuard, LabelId};
 use crate::message::{
     Direction, EmptyPull, IncomingMessage, MessageState, Outcome, OutgoingMessage, PublishResult,
@@ -62,7 +63,9 @@ use crate::semconv::{TEMPORARY_DESTINATION, is_temporary_queue};
 use crate::spans::lapin_error_type;
 use lapin::Confirmation;
 use metrics::{Counter, Gauge, Histogram, Label, Unit};
+use std::convert::Infallible;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 
 /// `messaging_client_sent_messages_total`.
@@ -103,6 +106,28 @@ struct DestLabels {
     named: bool,
 }
 
+/// How many destinations (exchange, routing key, queue) an [`AgentMetrics`]
+/// keeps the labels of; others are computed per message.
+const DEST_CACHE: usize = 256;
+
+/// A cached destination: its parts (to tell hash collisions apart) and
+/// labels.
+struct DestEntry {
+    exchange: Box<str>,
+    routing_key: Box<str>,
+    queue: Option<Box<str>>,
+    labels: DestLabels,
+}
+
+impl DestEntry {
+    fn is(&self, d: &Destination<'_>) -> bool {
+        let (exchange, routing_key, queue) = d.parts();
+        *self.exchange == *exchange
+            && *self.routing_key == *routing_key
+            && self.queue.as_deref() == queue
+    }
+}
+
 /// The metrics interceptor: see the [module docs](self).
 #[derive(Clone)]
 pub struct AgentMetrics {
@@ -120,6 +145,10 @@ struct Inner {
     /// The sender (`peer`) of each COMMAND being handled, for its reply.
     commands: InFlight<LabelId>,
     destinations: LabelGuard,
+    /// The destination labels by the parts that decide them, so that a
+    /// destination seen before builds no template ([`DEST_CACHE`] at most).
+    dests: ReadMostly<u64, DestEntry>,
+    dests_cached: AtomicUsize,
     errors: LabelGuard,
     sent: HandleCache<(DestLabels, Option<LabelId>), (Counter, Histogram)>,
     consumed: HandleCache<(DestLabels, bool), Counter>,
@@ -228,6 +257,8 @@ impl AgentMetrics {
                 peers: LabelGuard::new("peer", cap),
                 commands: InFlight::new(DEFAULT_MAX_IN_FLIGHT),
                 destinations: LabelGuard::new("messaging_destination_template", cap),
+                dests: ReadMostly::with_slots(2 * DEST_CACHE),
+                dests_cached: AtomicUsize::new(0),
                 errors: LabelGuard::new("error_type", cap),
                 sent: HandleCache::default(),
                 consumed: HandleCache::default(),
@@ -325,7 +356,14 @@ impl AgentMetrics {
                 named: true,
             };
         }
-        with_scratch(|buf| {
+        let i = &self.inner;
+        let hash = destination.hash();
+        if let Some((_, entry)) = i.dests.get(&hash)
+            && entry.is(&destination)
+        {
+            return entry.labels;
+        }
+        let labels = with_scratch(|buf| {
             if !destination.write_template(buf) {
                 return DestLabels {
                     template: None,
@@ -336,7 +374,25 @@ impl AgentMetrics {
                 template: Some(guard.id(buf)),
                 named: destination.template_is_name(),
             }
-        })
+        });
+        // Generated queue names are not kept: each is new.
+        if !destination.is_temporary() && i.dests_cached.load(Ordering::Relaxed) < DEST_CACHE {
+            let make = || {
+                i.dests_cached.fetch_add(1, Ordering::Relaxed);
+                let (exchange, routing_key, queue) = destination.parts();
+                Ok::<_, Infallible>((
+                    hash,
+                    DestEntry {
+                        exchange: exchange.into(),
+                        routing_key: routing_key.into(),
+                        queue: queue.map(Into::into),
+                        labels,
+                    },
+                ))
+            };
+            let _ = i.dests.get_or_insert_with(&hash, make, |_, _| ());
+        }
+        labels
     }
 
     /// Records a `basic_get` call's duration as
@@ -958,5 +1014,47 @@ mod tests {
             reject[0]
         );
         assert!(series("unsettled").is_empty());
+    }
+
+    /// Cached destination labels are the ones computed afresh, the cache
+    /// stays bounded, and generated queues are not kept.
+    #[test]
+    fn cached_destination_labels_match_and_stay_bounded() {
+        // Room for every template, so that none folds into `other`.
+        let cached = AgentMetrics::with_max_label_values(1000);
+        let names: Vec<(String, String, String)> = (0..DEST_CACHE + 40)
+            .map(|i| {
+                (
+                    format!("x{}", i % 3),
+                    format!("cmd.r{}.a{i}", i % 5),
+                    format!("q{}", i % 7),
+                )
+            })
+            .collect();
+        for round in 0..2 {
+            for (e, k, q) in &names {
+                for d in [Destination::send(e, k), Destination::receive(e, k, q)] {
+                    let fresh = AgentMetrics::new();
+                    let want = fresh.destination(d, "");
+                    let got = cached.destination(d, "");
+                    let value = |m: &AgentMetrics, l: DestLabels| {
+                        l.template
+                            .map(|t| m.inner.destinations.value(t).to_string())
+                    };
+                    assert_eq!(
+                        (value(&cached, got), got.named),
+                        (value(&fresh, want), want.named),
+                        "round {round}: {d:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            cached.inner.dests_cached.load(Ordering::Relaxed),
+            DEST_CACHE
+        );
+        let gen_q = AgentMetrics::new();
+        let _ = gen_q.destination(Destination::receive("", "amq.gen-1", "amq.gen-1"), "");
+        assert_eq!(gen_q.inner.dests_cached.load(Ordering::Relaxed), 0);
     }
 }

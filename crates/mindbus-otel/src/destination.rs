@@ -130,6 +130,23 @@ impl<'a> Destination<'a> {
     }
 }
 
+impl<'a> Destination<'a> {
+    /// Exchange, routing key and (receiving) queue.
+    pub(crate) fn parts(&self) -> (&'a str, &'a str, Option<&'a str>) {
+        (self.exchange, self.routing_key, self.queue)
+    }
+
+    /// A hash of the parts, for caches keyed by destination.
+    pub(crate) fn hash(&self) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<crate::labels::FastHasher>::default().hash_one((
+            self.exchange,
+            self.routing_key,
+            self.queue,
+        ))
+    }
+}
+
 impl Destination<'_> {
     /// Whether the template is the name itself (so the name is known to be
     /// low-cardinality), without building either.
