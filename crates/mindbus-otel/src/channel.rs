@@ -226,12 +226,12 @@ impl TracedChannel {
                 return Err(e);
             }
         };
-        let delivery = TracedDelivery::pulled(
+        let delivery = TracedDelivery::new(
             msg.delivery,
             Arc::clone(&self.chain),
             &queue_name,
             no_ack,
-            call,
+            Some(call),
         );
         Ok(Some(TracedGetMessage {
             delivery,

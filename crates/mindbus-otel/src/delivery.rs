@@ -45,31 +45,19 @@ pub struct TracedDelivery {
 }
 
 impl TracedDelivery {
+    /// A pushed delivery, or (`pull`: when the `basic_get` call began) a
+    /// pulled message.
     pub(crate) fn new(
         delivery: Delivery,
         chain: Arc<InterceptorChain>,
         queue: &str,
         no_ack: bool,
-        pull: bool,
+        pull: Option<Instant>,
     ) -> Self {
-        let state = chain.start_delivery(&delivery, queue, pull);
-        TracedDelivery {
-            delivery,
-            state: Some(state),
-            chain,
-            no_ack,
-        }
-    }
-
-    /// A message a `basic_get` call begun at `call` fetched.
-    pub(crate) fn pulled(
-        delivery: Delivery,
-        chain: Arc<InterceptorChain>,
-        queue: &str,
-        no_ack: bool,
-        call: Instant,
-    ) -> Self {
-        let state = chain.start_pulled_delivery(&delivery, queue, call);
+        let state = match pull {
+            Some(call) => chain.start_pulled_delivery(&delivery, queue, call),
+            None => chain.start_delivery(&delivery, queue, false),
+        };
         TracedDelivery {
             delivery,
             state: Some(state),
@@ -315,7 +303,7 @@ impl Stream for TracedConsumer {
                 Arc::clone(&this.chain),
                 &this.queue,
                 this.no_ack,
-                false,
+                None,
             )))),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),

@@ -981,7 +981,8 @@ impl MessagingSpans {
 
     /// Starts the span of operation `op` on a delivery, a child of
     /// `parent`, linked to the producer (the link marked `child_of` when
-    /// the producer is `parent`'s span too).
+    /// the producer is `parent`'s span too); for the CONSUMER span, with
+    /// [`MessagingSpans::settle_spans`], what its settle span needs.
     fn delivery_span(
         &self,
         msg: &mut IncomingMessage<'_>,
@@ -990,7 +991,7 @@ impl MessagingSpans {
         parent: &Context,
         (producer, producer_parents): (SpanContext, bool),
         start: SystemTime,
-    ) -> BoxedSpan {
+    ) -> (BoxedSpan, Option<Box<SettleTarget>>) {
         let delivery = msg.delivery();
         let queue = msg.queue();
         let exchange = delivery.exchange.as_str();
@@ -1011,6 +1012,25 @@ impl MessagingSpans {
                 .get(op, Destination::receive(exchange, routing_key, queue))
         };
         let temporary = dest.temporary;
+        let settle = (self.inner.settle_spans && kind == SpanKind::Consumer).then(|| {
+            // Settle spans have the conventions' names, also with the 0.1
+            // shapes.
+            let (name, template) = if legacy {
+                let d = self.inner.names.get(
+                    Op::Process,
+                    Destination::receive(exchange, routing_key, queue),
+                );
+                (d.name, d.template)
+            } else {
+                (dest.name.clone(), dest.template.clone())
+            };
+            Box::new(SettleTarget {
+                name,
+                template,
+                temporary,
+                tag: delivery.delivery_tag,
+            })
+        });
         let props = &delivery.properties;
         let message_kind = msg.envelope().kind();
         let extra = delivery_extra(message_kind, legacy) + flag(dest.template.is_some());
@@ -1068,7 +1088,7 @@ impl MessagingSpans {
                 span.set_status(Status::error("ai.team.error"));
             }
         }
-        span
+        (span, settle)
     }
 }
 
@@ -1269,7 +1289,7 @@ impl Interceptor for MessagingSpans {
             // span, its child, linked to the producer too.
             Some(call) if !legacy => {
                 let began = clock::system_time(call);
-                let mut receive = self.delivery_span(
+                let (mut receive, _) = self.delivery_span(
                     msg,
                     Op::Receive,
                     SpanKind::Client,
@@ -1289,7 +1309,7 @@ impl Interceptor for MessagingSpans {
         };
         let error_code = (legacy && kind == MessageKind::Error)
             .then(|| cap(msg.envelope().error_code().unwrap_or("error")).to_owned());
-        let span = self.delivery_span(
+        let (span, settle) = self.delivery_span(
             msg,
             op,
             SpanKind::Consumer,
@@ -1301,23 +1321,6 @@ impl Interceptor for MessagingSpans {
         // Track COMMANDs awaiting a reply, for stream-style RPC parenting.
         let in_flight = awaited_reply(kind, props, msg.envelope().id())
             .and_then(|(reply_to, corr)| self.track_command(reply_to, corr, &cx));
-        let settle = self.inner.settle_spans.then(|| {
-            let delivery = msg.delivery();
-            let dest = self.inner.names.get(
-                Op::Process,
-                Destination::receive(
-                    delivery.exchange.as_str(),
-                    delivery.routing_key.as_str(),
-                    msg.queue(),
-                ),
-            );
-            Box::new(SettleTarget {
-                name: dest.name,
-                template: dest.template,
-                temporary: dest.temporary,
-                tag: delivery.delivery_tag,
-            })
-        });
         msg.state_mut().set_context(cx.clone());
         msg.state_mut().builtin.spans = Some(SpanState {
             cx,

@@ -272,6 +272,13 @@ fn is_tracestate_value(value: &str) -> bool {
         && matches!(b.last(), Some(&c) if nblk(c))
 }
 
+/// Whether the OpenTelemetry API's `TraceState` takes a key the W3C
+/// grammar allows: it still checks keys with `@` against Level 1's
+/// `tenant@system` form (only those can be refused).
+fn api_holds_key(key: &str) -> bool {
+    !key.contains('@') || TraceState::from_key_value([(key, "x")]).is_ok()
+}
+
 /// A `tracestate` value as inherited: see [`parse_tracestate_counted`].
 #[derive(Debug, Clone, Default)]
 pub struct ParsedTracestate {
@@ -339,9 +346,7 @@ pub fn parse_tracestate_counted(value: &str) -> Result<ParsedTracestate, RejectR
             pairs.push((k, v));
         }
     }
-    // Only a key with `@` can be valid here and refused by the API.
-    let holds = |k: &str| !k.contains('@') || TraceState::from_key_value([(k, "x")]).is_ok();
-    if pairs.iter().all(|(k, _)| holds(k)) {
+    if pairs.iter().all(|(k, _)| api_holds_key(k)) {
         parsed.state =
             TraceState::from_key_value(pairs).map_err(|_| RejectReason::TracestateMalformed)?;
         return Ok(parsed);
@@ -350,7 +355,7 @@ pub fn parse_tracestate_counted(value: &str) -> Result<ParsedTracestate, RejectR
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    parsed.state = TraceState::from_key_value(pairs.into_iter().filter(|(k, _)| holds(k)))
+    parsed.state = TraceState::from_key_value(pairs.into_iter().filter(|(k, _)| api_holds_key(k)))
         .map_err(|_| RejectReason::TracestateMalformed)?;
     Ok(parsed)
 }
@@ -383,8 +388,7 @@ pub fn format_tracestate_inherited(
     ts: &TraceState,
     inherited: &[(String, String)],
 ) -> (String, usize) {
-    let holds = |k: &str| !k.contains('@') || TraceState::from_key_value([(k, "x")]).is_ok();
-    let held = inherited.iter().filter(|(k, _)| holds(k));
+    let held = inherited.iter().filter(|(k, _)| api_holds_key(k));
     let unchanged = ts
         .into_iter()
         .eq(held.map(|(k, v)| (k.as_str(), v.as_str())));
@@ -393,7 +397,7 @@ pub fn format_tracestate_inherited(
     }
     let rest = inherited
         .iter()
-        .filter(|(k, _)| !holds(k))
+        .filter(|(k, _)| !api_holds_key(k))
         .map(|(k, v)| (k.as_str(), v.as_str()));
     format_members_limited(ts.into_iter().chain(rest))
 }
